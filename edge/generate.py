@@ -1,0 +1,175 @@
+"""The generation loop: prefill, decode_one_token, and a streaming `generate` around them.
+
+Everything per step is bound once through IOBinding: the KV buffers (past == present, shared),
+the LoRA slot tensors of the active adapters, the logits buffer. A decode step updates three
+small inputs in place and runs the session; nothing else is copied.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .adapters import AdapterSet, read_adapter
+from .model import Model
+from .profile import Profile
+from .sampling import SamplingParams, sample
+from .text import TextDecoder, Tokenizer
+
+
+class GenerationError(ValueError):
+    """A request that cannot be served (too long, bad parameters, unknown adapter)."""
+
+
+@dataclass
+class Result:
+    text: str
+    tokens: list[int]
+    finish_reason: str  # stop | length | cancelled
+    prompt_tokens: int
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def usage(self) -> dict:
+        n = len(self.tokens)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
+
+
+class Generator:
+    def __init__(self, folder: str | Path, profile: Profile | None = None, verify_files: bool = True):
+        self.model = Model(folder, profile, verify_files=verify_files)
+        self.manifest = self.model.manifest
+        self.tokenizer = Tokenizer(self.model.folder, self.manifest)
+        self.adapters = AdapterSet(self.manifest)
+        self.vocab = self.manifest.config["vocab_size"]
+        self._binding = self.model.session.io_binding()
+        for buf, (past, present) in zip(self.model.kv, self.model.kv_names, strict=True):
+            self._binding.bind_ortvalue_input(past, buf)
+            self._binding.bind_ortvalue_output(present, buf)
+        self._logits = ort.OrtValue.ortvalue_from_shape_and_type([1, 1, self.vocab], np.float32, "cpu", 0)
+        self._binding.bind_ortvalue_output("logits", self._logits)
+        self._seqlens = ort.OrtValue.ortvalue_from_numpy(np.zeros(1, np.int32))
+        self._total = ort.OrtValue.ortvalue_from_numpy(np.array(0, np.int32))
+        self._one_token = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1), np.int64))
+        self._binding.bind_ortvalue_input("seqlens_k", self._seqlens)
+        self._binding.bind_ortvalue_input("total_sequence_length", self._total)
+        self.select_adapters(())
+
+    # ---- adapters --------------------------------------------------------------------------
+    def load_adapter(self, path: str | Path, name: str | None = None) -> str:
+        adapter = read_adapter(path, self.manifest, name)
+        self.adapters.add(adapter)
+        return adapter.name
+
+    def select_adapters(self, selection: tuple[tuple[str, float], ...]) -> None:
+        """Bind the stacked slot tensors of these adapters (a pointer swap once cached)."""
+        if not self.manifest.lora["rank"]:
+            if selection:
+                raise GenerationError(f"{self.manifest.name} has no LoRA slots; it cannot apply adapters")
+            return
+        try:
+            for name, value in self.adapters.inputs(tuple(selection)).items():
+                self._binding.bind_ortvalue_input(name, value)
+        except Exception as e:
+            raise GenerationError(str(e)) from e
+
+    # ---- the model calls -------------------------------------------------------------------
+    def _forward(self, ids: ort.OrtValue, total: int) -> np.ndarray:
+        self._seqlens.update_inplace(np.array([total - 1], np.int32))
+        self._total.update_inplace(np.array(total, np.int32))
+        self._binding.bind_ortvalue_input("input_ids", ids)
+        self.model.session.run_with_iobinding(self._binding)
+        return self._logits.numpy()[0, 0]
+
+    def prefill(self, tokens: list[int]) -> np.ndarray:
+        ids = ort.OrtValue.ortvalue_from_numpy(np.array([tokens], np.int64))
+        return self._forward(ids, len(tokens))
+
+    def decode_one_token(self, token: int, position: int) -> np.ndarray:
+        """Logits after feeding `token` at `position` (0-based) on top of the cache."""
+        self._one_token.update_inplace(np.array([[token]], np.int64))
+        return self._forward(self._one_token, position + 1)
+
+    # ---- the loop --------------------------------------------------------------------------
+    def check_prompt(self, tokens: list[int], max_tokens: int) -> int:
+        if not tokens:
+            raise GenerationError("empty prompt")
+        room = self.model.max_length - len(tokens)
+        if room < 1:
+            raise GenerationError(f"prompt is {len(tokens)} tokens; the context limit is {self.model.max_length}")
+        return min(max_tokens, room)
+
+    def stream(self, prompt: str | list[int] | list[dict], max_tokens: int = 128,
+               params: SamplingParams | None = None, stop: list[str] | tuple[str, ...] = (),
+               adapters: tuple[tuple[str, float], ...] = (),
+               cancelled: Callable[[], bool] = lambda: False) -> Iterator[str | Result]:
+        """Yield text deltas, then one Result whose text is exactly their concatenation."""
+        params = params or SamplingParams()
+        try:
+            params.validate()
+        except ValueError as e:
+            raise GenerationError(str(e)) from e
+        if max_tokens < 1:
+            raise GenerationError("max_tokens must be >= 1")
+        tokens = self.encode(prompt)
+        budget = self.check_prompt(tokens, max_tokens)
+        self.select_adapters(tuple(adapters))
+        rng = np.random.default_rng(params.seed)
+        seen = np.array(tokens, np.int64)
+        eos = set(self.manifest.eos_token_ids)
+        decoder = TextDecoder(self.tokenizer, stop)
+
+        t0 = time.perf_counter()
+        logits = self.prefill(tokens)
+        t1 = time.perf_counter()
+        out: list[int] = []
+        steps = 0
+        finish = "length"
+        while True:
+            token = sample(logits, params, rng, seen if params.repetition_penalty != 1.0 else None)
+            if token in eos:
+                finish = "stop"
+                break
+            out.append(token)
+            if params.repetition_penalty != 1.0:
+                seen = np.append(seen, token)
+            delta = decoder.add(token)
+            if delta:
+                yield delta
+            if decoder.stopped:
+                finish = "stop"
+                break
+            if len(out) >= budget:
+                break
+            if cancelled():
+                finish = "cancelled"
+                break
+            logits = self.decode_one_token(token, len(tokens) + len(out) - 1)
+            steps += 1
+        t2 = time.perf_counter()
+        tail = decoder.flush()
+        if tail:
+            yield tail
+        yield Result(decoder.text, out, finish, len(tokens), {
+            "prefill_s": round(t1 - t0, 4), "decode_s": round(t2 - t1, 4),
+            "prefill_tok_s": round(len(tokens) / (t1 - t0), 1),
+            "decode_tok_s": round(steps / (t2 - t1), 1) if steps else 0.0,
+        })
+
+    def generate(self, prompt, **kw) -> Result:
+        *_, result = self.stream(prompt, **kw)
+        return result
+
+    def encode(self, prompt: str | list[int] | list[dict]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if prompt and all(isinstance(m, dict) for m in prompt):
+            return self.tokenizer.encode(self.tokenizer.chat(prompt), add_special_tokens=False)
+        if all(isinstance(t, int) and 0 <= t < self.vocab for t in prompt):
+            return list(prompt)
+        raise GenerationError("prompt must be text, a list of chat messages or a list of token ids")

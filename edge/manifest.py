@@ -1,0 +1,96 @@
+"""nomoat.json: the contract between the exporter (host) and the runtime (device).
+
+The exporter writes it once; the runtime reads it and trusts nothing else about the graph.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+MANIFEST = "nomoat.json"
+FORMAT_VERSION = 1
+
+
+class ModelError(Exception):
+    """A model folder that cannot be used, with the reason in one line."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_hash(file_hashes: dict[str, str]) -> str:
+    """Identity of the base model: the graph and its weights (not the tokenizer or the manifest)."""
+    lines = sorted(f"{name}:{digest}" for name, digest in file_hashes.items() if name.startswith("model.onnx"))
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    folder: Path
+    data: dict
+
+    @property
+    def config(self) -> dict:
+        return self.data["config"]
+
+    @property
+    def num_layers(self) -> int:
+        return self.config["num_layers"]
+
+    @property
+    def max_length(self) -> int:
+        return self.data["kv_cache"]["max_length"]
+
+    @property
+    def kv_shape(self) -> list[int]:
+        return self.data["kv_cache"]["shape"]
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return self.data["eos_token_ids"]
+
+    @property
+    def lora(self) -> dict:
+        return self.data.get("lora") or {"rank": 0, "targets": [], "slots": []}
+
+    @property
+    def model_hash(self) -> str:
+        return self.data["model_hash"]
+
+    @property
+    def name(self) -> str:
+        return self.data.get("name", self.folder.name)
+
+
+def read_manifest(folder: str | Path, verify_files: bool = True) -> Manifest:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelError(f"model folder not found: {folder}")
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ModelError(f"{folder} has no {MANIFEST}: not a nomoat model folder (run `nomoat export` first)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"unreadable {path}: {e}") from e
+    version = data.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ModelError(f"{path} has format version {version}, this runtime reads up to {FORMAT_VERSION}: "
+                         "upgrade nomoat on this device")
+    m = Manifest(folder, data)
+    if verify_files:
+        for name, digest in data["files"].items():
+            f = folder / name
+            if not f.is_file():
+                raise ModelError(f"{folder}: file {name} is missing")
+            if sha256_file(f) != digest:
+                raise ModelError(f"{folder}: file {name} is corrupt (sha256 mismatch); re-copy or re-export it")
+    return m

@@ -1,0 +1,127 @@
+"""Device profiles: TOML files in firmware-configs/ that say how this device runs a model.
+
+Unknown keys and wrong types are errors (a typo in a profile must not silently fall back
+to a default on a device in a field).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+class ProfileError(Exception):
+    pass
+
+
+@dataclass
+class Provider:
+    name: str  # e.g. "CPUExecutionProvider", "XnnpackExecutionProvider"
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class MqttSettings:
+    broker: str = "mqtt://127.0.0.1:1883"
+    prefix: str = "nomoat"
+    fleet: str = "default"
+    device: str = ""
+    username: str = ""
+    password: str = ""
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    keepalive: int = 30
+    session_expiry: int = 86400  # seconds the broker keeps our session (and queued prompts) while offline
+
+
+@dataclass
+class Profile:
+    name: str = "default"
+    description: str = ""
+    providers: list[Provider] = field(default_factory=lambda: [Provider("CPUExecutionProvider")])
+    threads: int = 0  # 0: onnxruntime decides (physical cores)
+    arena: bool = True
+    memory_pattern: bool = True
+    graph_optimization: str = "all"  # disable | basic | extended | all
+    optimized_model_cache: str = ""  # file to save/load the optimized graph
+    accuracy_level: int | None = None  # MatMulNBits: None = as exported, 0/1 fp32 compute, 4 int8
+    context_length: int = 2048
+    memory_cap_mb: int = 0  # informative: `nomoat doctor` warns when the model will not fit
+    queue_size: int = 8
+    max_prompt_chars: int = 16000
+    max_payload_bytes: int = 65536
+    max_new_tokens: int = 1024
+    adapter_store: str = ""  # folder for installed adapters (fleet push)
+    adapter_store_mb: int = 256
+    trusted_keys: list[str] = field(default_factory=list)  # Ed25519 public keys, hex or base64
+    mqtt: MqttSettings = field(default_factory=MqttSettings)
+
+
+_GRAPH_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def _check(cls, data: dict, where: str) -> dict:
+    known = {f.name: f for f in fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ProfileError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+    return known
+
+
+def _typed(value, default, key: str, where: str):
+    if default is None or isinstance(default, (dict, list)):
+        return value
+    kind = type(default)
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise ProfileError(f"{where}: {key} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def profile_from_dict(data: dict, where: str = "profile") -> Profile:
+    _check(Profile, data, where)
+    p = Profile()
+    for key, value in data.items():
+        if key == "providers":
+            if not isinstance(value, list) or not value:
+                raise ProfileError(f"{where}: providers must be a non-empty list")
+            p.providers = []
+            for item in value:
+                item = {"name": item} if isinstance(item, str) else item
+                _check(Provider, item, f"{where}: providers")
+                p.providers.append(Provider(str(item["name"]), dict(item.get("options", {}))))
+        elif key == "mqtt":
+            _check(MqttSettings, value, f"{where}: [mqtt]")
+            for k, v in value.items():
+                setattr(p.mqtt, k, _typed(v, getattr(MqttSettings(), k), k, f"{where}: [mqtt]"))
+        elif key == "accuracy_level":
+            if value not in (0, 1, 2, 3, 4):
+                raise ProfileError(f"{where}: accuracy_level must be 0, 1, 2, 3 or 4, got {value!r}")
+            p.accuracy_level = value
+        else:
+            setattr(p, key, _typed(value, getattr(Profile(), key), key, where))
+    if p.graph_optimization not in _GRAPH_LEVELS:
+        raise ProfileError(f"{where}: graph_optimization must be one of {_GRAPH_LEVELS}")
+    if p.threads < 0 or p.context_length < 16 or p.queue_size < 1:
+        raise ProfileError(f"{where}: threads >= 0, context_length >= 16 and queue_size >= 1 are required")
+    return p
+
+
+def load_profile(path: str | Path | None) -> Profile:
+    """A profile from a TOML file, a name in firmware-configs/, or the built-in default."""
+    if path is None:
+        return Profile()
+    candidate = Path(path)
+    if not candidate.exists():
+        bundled = Path(__file__).resolve().parent.parent / "firmware-configs" / f"{path}.toml"
+        if bundled.exists():
+            candidate = bundled
+        else:
+            raise ProfileError(f"profile not found: {path}")
+    try:
+        data = tomllib.loads(candidate.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ProfileError(f"unreadable profile {candidate}: {e}") from e
+    data.setdefault("name", candidate.stem)
+    return profile_from_dict(data, str(candidate))

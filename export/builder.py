@@ -1,0 +1,309 @@
+"""The LLaMA graph, built straight from the checkpoint's tensors with onnx.helper.
+
+One function per block (embedding, attention, MLP, norm, lm_head). Fused ONNX Runtime
+contrib ops do the heavy lifting:
+
+- MatMulNBits: int4/int8 block-quantized linears (q/k/v fused into one, gate/up into one).
+  GGUF Q4_1 blocks (w = d*q + m) run as symmetric MatMulNBits plus a cheap correction:
+  sum over blocks of (block-sum of x) * m, one small MatMul shared by the fused linear.
+- GroupQueryAttention: rotary embedding, GQA and the KV cache in one op. The cache is a
+  preallocated [1, kv_heads, max_len, head_dim] buffer that the runtime binds as both past
+  and present (shared buffer), so decoding never copies or grows it.
+- SkipSimplifiedLayerNormalization: residual add + RMSNorm.
+
+Graph interface (recorded in nomoat.json):
+  inputs  input_ids int64 [1, S], seqlens_k int32 [1] (= total length - 1),
+          total_sequence_length int32 [], past_key_values.{i}.key/value,
+          and for LoRA slots lora.{i}.{target}.A [K, r] / lora.{i}.{target}.B [r, N] (r may be 0)
+  outputs logits float32 [1, 1, vocab] (last position only), present.{i}.key/value
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .quantize import quantize_weight
+from .sources import Checkpoint, ExportError, LlamaConfig, QuantBlocks
+
+OPSET = 21
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class BuildOptions:
+    precision: str = "int4"  # int4 | fp32
+    block_size: int = 32
+    accuracy_level: int = 4
+    lm_head: str = "auto"  # auto | int4 | int8 | fp32
+    max_length: int = 2048  # rotary table and KV buffer limit
+    lora_rank: int = 0  # 0: no LoRA slots
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    # merged LoRA deltas: HF weight name -> float delta [N, K], added before quantization
+    deltas: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class Graph:
+    """A tiny helper around onnx.helper that names things and collects initializers."""
+
+    def __init__(self, data_file: Path, data_name: str) -> None:
+        # large initializers stream straight to the external data file (page-aligned so that
+        # onnxruntime can map them), so the export never holds the whole model in memory
+        self.data, self.data_name = open(data_file, "wb"), data_name
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self._count = 0
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        array = np.ascontiguousarray(array)
+        if array.nbytes < 1024:
+            self.inits.append(numpy_helper.from_array(array, name))
+            return name
+        offset = -(-self.data.tell() // 4096) * 4096
+        self.data.seek(offset)
+        self.data.write(array.tobytes())
+        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+        t.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.data_name), ("offset", offset), ("length", array.nbytes)):
+            t.external_data.add(key=key, value=str(value))
+        self.inits.append(t)
+        return name
+
+    def const(self, values, dtype=np.int64) -> str:
+        self._count += 1
+        return self.init(f"const.{self._count}", np.array(values, dtype=dtype))
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, name: str | None = None,
+           domain: str = "", outs: list[str] | None = None, **attrs) -> list[str]:
+        self._count += 1
+        base = name or f"{op_type}.{self._count}"
+        outs = outs or [f"{base}/out{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=base, domain=domain, **attrs))
+        return outs
+
+    def op1(self, op_type: str, inputs: list[str], **kw) -> str:
+        return self.op(op_type, inputs, **kw)[0]
+
+    def model(self) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, "nomoat-llama", self.inputs, self.outputs, self.inits)
+        opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
+        self.data.close()
+        return helper.make_model(graph, opset_imports=opsets, producer_name="nomoat")
+
+
+class LlamaBuilder:
+    def __init__(self, ckpt: Checkpoint, opts: BuildOptions, data_file: Path):
+        self.ckpt, self.opts, self.cfg = ckpt, opts, ckpt.config
+        self.g = Graph(data_file, data_file.name)
+        self.lora_inputs: list[dict] = []
+        self.weight_kinds: dict[str, str] = {}
+        self._check_dims()
+
+    def _check_dims(self) -> None:
+        c, bs = self.cfg, self.opts.block_size
+        for dim in (c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim):
+            if self.opts.precision != "fp32" and dim % bs:
+                raise ExportError(f"dimension {dim} is not a multiple of --block-size {bs}")
+
+    # ---- weights -------------------------------------------------------------------------
+    def weight(self, name: str, bits: int | None = None) -> np.ndarray | QuantBlocks:
+        """A weight as it will be stored: source blocks when exact, else quantized or float."""
+        delta = self.opts.deltas.get(name)
+        w = self.ckpt.tensor(name)
+        if self.opts.precision == "fp32" or bits == 0:
+            w = w.dequantize() if isinstance(w, QuantBlocks) else w
+            return w + delta if delta is not None else w
+        if isinstance(w, QuantBlocks) and delta is None and bits in (None, w.bits):
+            return w  # the GGUF's own blocks: no re-quantization
+        bits = bits or 4
+        wf = w.dequantize() if isinstance(w, QuantBlocks) else w
+        if delta is not None:
+            wf = wf + delta
+        return quantize_weight(wf, bits, self.opts.block_size)
+
+    # ---- blocks --------------------------------------------------------------------------
+    def linear_group(self, x: str, prefix: str, names: list[str], layer: int) -> list[str]:
+        """y_i = x @ W_i^T for weights sharing the input x, fused into one op where they can be."""
+        ws = [self.weight(f"{prefix}.{n}.weight") for n in names]
+        for n, w in zip(names, ws, strict=True):
+            self.weight_kinds[f"{prefix}.{n}"] = w.kind if isinstance(w, QuantBlocks) else "fp32"
+        sizes = [w.shape[0] for w in ws]
+        fusable = all(isinstance(w, np.ndarray) for w in ws) or (
+            all(isinstance(w, QuantBlocks) for w in ws)
+            and len({(w.bits, w.block_size, w.mins is None) for w in ws}) == 1)
+        if len(ws) > 1 and fusable:
+            fused = _concat_weights(ws)
+            y = self.matmul(x, fused, f"{prefix}.{'_'.join(n.split('_')[0] for n in names)}")
+            outs = self.g.op("Split", [y, self.g.const(sizes)], n_out=len(ws), axis=-1)
+        else:
+            outs = [self.matmul(x, w, f"{prefix}.{n}") for n, w in zip(names, ws, strict=True)]
+        return [self.lora_branch(x, y, layer, n, w.shape) for n, y, w in zip(names, outs, ws, strict=True)]
+
+    def matmul(self, x: str, w: np.ndarray | QuantBlocks, name: str, shared: str | None = None) -> str:
+        """x @ w^T; `shared` names initializers already stored (the tied embedding)."""
+        g = self.g
+        if isinstance(w, np.ndarray):
+            return g.op1("MatMul", [x, f"{shared}.weight_t" if shared else g.init(f"{name}.weight_t", w.T)], name=name)
+        n, k = w.shape
+        if shared:
+            qweight, scales = f"{shared}.qweight", f"{shared}.scales"
+        else:
+            qweight, scales = g.init(f"{name}.qweight", w.packed), g.init(f"{name}.scales", w.scales)
+        y = g.op1("MatMulNBits", [x, qweight, scales],
+                  name=name, domain="com.microsoft", K=k, N=n, bits=w.bits, block_size=w.block_size,
+                  accuracy_level=self.opts.accuracy_level)
+        if w.mins is None:
+            return y
+        # GGUF Q4_1: + sum_b blocksum(x)_b * mins[n, b]
+        blocks = g.op1("Reshape", [x, g.const([0, 0, k // w.block_size, w.block_size])])
+        bsum = g.op1("ReduceSum", [blocks, g.const([-1])], keepdims=0)
+        corr = g.op1("MatMul", [bsum, g.init(f"{name}.mins_t", w.mins.T)])
+        return g.op1("Add", [y, corr])
+
+    def lora_branch(self, x: str, y: str, layer: int, target: str, shape: tuple[int, int]) -> str:
+        if not self.opts.lora_rank or target not in self.opts.lora_targets:
+            return y
+        n, k = shape
+        a, b = f"lora.{layer}.{target}.A", f"lora.{layer}.{target}.B"
+        rank = f"rank.{layer}.{target}"  # one free dim per slot: adapters may cover different slots
+        self.g.inputs += [helper.make_tensor_value_info(a, TensorProto.FLOAT, [k, rank]),
+                          helper.make_tensor_value_info(b, TensorProto.FLOAT, [rank, n])]
+        self.lora_inputs.append({"layer": layer, "target": target, "A": a, "B": b, "in": k, "out": n})
+        delta = self.g.op1("MatMul", [self.g.op1("MatMul", [x, a]), b])
+        return self.g.op1("Add", [y, delta])
+
+    def embedding(self, ids: str) -> str:
+        g, w = self.g, self.embed
+        if isinstance(w, np.ndarray):
+            return g.op1("Gather", [self.embed_name, ids], axis=0)
+        # gather the quantized rows, dequantize just those: [1, S, K/bs, blob] -> [1, S, K]
+        rows = g.op1("Gather", [f"{self.embed_name}.qweight", ids], axis=0)
+        if w.bits == 4:
+            lo = g.op1("BitwiseAnd", [rows, g.const(15, np.uint8)])
+            hi = g.op1("BitShift", [rows, g.const(4, np.uint8)], direction="RIGHT")
+            rows = g.op1("Concat", [g.op1("Unsqueeze", [lo, g.const([-1])]),
+                                    g.op1("Unsqueeze", [hi, g.const([-1])])], axis=-1)
+            rows = g.op1("Reshape", [rows, g.const([0, 0, w.packed.shape[1], w.block_size])])
+        q = g.op1("Sub", [g.op1("Cast", [rows], to=TensorProto.FLOAT), g.const(2.0 ** (w.bits - 1), np.float32)])
+        scales = g.op1("Unsqueeze", [g.op1("Gather", [f"{self.embed_name}.scales", ids], axis=0), g.const([-1])])
+        x = g.op1("Mul", [q, scales])
+        if w.mins is not None:
+            mins = g.op1("Gather", [self.g.init(f"{self.embed_name}.mins", w.mins), ids], axis=0)
+            x = g.op1("Add", [x, g.op1("Unsqueeze", [mins, g.const([-1])])])
+        return g.op1("Reshape", [x, g.const([0, 0, self.cfg.hidden_size])])
+
+    def attention(self, x: str, i: int) -> str:
+        c, g = self.cfg, self.g
+        p = f"model.layers.{i}.self_attn"
+        q, k, v = self.linear_group(x, p, ["q_proj", "k_proj", "v_proj"], i)
+        shape = [1, c.num_kv_heads, "kv_length", c.head_dim]  # the runtime sizes it (<= max_length)
+        past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        for name in past:
+            g.inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+        present = [f"present.{i}.key", f"present.{i}.value"]
+        attn = g.op("GroupQueryAttention", [q, k, v, *past, "seqlens_k", "total_sequence_length",
+                                            "cos_cache", "sin_cache"], name=f"{p}.gqa", outs=[f"{p}.gqa/out0", *present],
+                            domain="com.microsoft", num_heads=c.num_heads, kv_num_heads=c.num_kv_heads,
+                    do_rotary=1, rotary_interleaved=0, scale=float(c.head_dim ** -0.5))[0]
+        g.outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in present]
+        return self.linear_group(attn, p, ["o_proj"], i)[0]
+
+    def mlp(self, x: str, i: int) -> str:
+        p = f"model.layers.{i}.mlp"
+        gate, up = self.linear_group(x, p, ["gate_proj", "up_proj"], i)
+        act = self.g.op1("Mul", [self.g.op1("Mul", [gate, self.g.op1("Sigmoid", [gate])]), up])
+        return self.linear_group(act, p, ["down_proj"], i)[0]
+
+    def norm(self, x: str, residual: str | None, weight: str) -> tuple[str, str]:
+        """RMSNorm of (x + residual); returns (normed, new residual)."""
+        g, eps = self.g, self.cfg.rms_norm_eps
+        gamma = g.init(weight, self.ckpt.float_tensor(weight))
+        if residual is None:
+            return g.op1("SimplifiedLayerNormalization", [x, gamma], epsilon=eps, axis=-1), x
+        out = g.op("SkipSimplifiedLayerNormalization", [x, residual, gamma], n_out=4, domain="com.microsoft",
+                   epsilon=eps)
+        return out[0], out[3]
+
+    # ---- the whole model -------------------------------------------------------------------
+    def build(self) -> onnx.ModelProto:
+        c, g = self.cfg, self.g
+        g.inputs += [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "sequence"]),
+                     helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
+                     helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
+        cos, sin = rotary_tables(c, self.opts.max_length)
+        g.init("cos_cache", cos)
+        g.init("sin_cache", sin)
+
+        self.embed_name = "model.embed_tokens"
+        head_bits = self.lm_head_bits()
+        self.embed = self.weight("model.embed_tokens.weight", head_bits)
+        self.weight_kinds["model.embed_tokens"] = getattr(self.embed, "kind", "fp32")
+        if isinstance(self.embed, np.ndarray):
+            g.init(self.embed_name, self.embed)
+        else:  # stored once; the lm_head MatMulNBits shares it when embeddings are tied
+            g.init(f"{self.embed_name}.qweight", self.embed.packed)
+            g.init(f"{self.embed_name}.scales", self.embed.scales)
+        h = self.embedding("input_ids")
+
+        x, residual = self.norm(h, None, "model.layers.0.input_layernorm.weight")
+        for i in range(c.num_layers):
+            if i:
+                x, residual = self.norm(out, residual, f"model.layers.{i}.input_layernorm.weight")  # noqa: F821
+            attn = self.attention(x, i)
+            x, residual = self.norm(attn, residual, f"model.layers.{i}.post_attention_layernorm.weight")
+            out = self.mlp(x, i)
+        x, _ = self.norm(out, residual, "model.norm.weight")
+        last = g.op1("Slice", [x, g.const([-1]), g.const([2**62]), g.const([1])])
+        g.op("Identity", [self.lm_head(last, head_bits)], outs=["logits"])
+        g.outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1, c.vocab_size]))
+        return g.model()
+
+    def lm_head_bits(self) -> int:
+        if self.opts.precision == "fp32" or self.opts.lm_head == "fp32":
+            return 0
+        if self.opts.lm_head == "auto":
+            src = self.ckpt.tensor("model.embed_tokens.weight") if self.cfg.tie_word_embeddings else \
+                self.ckpt.tensor("lm_head.weight")
+            return src.bits if isinstance(src, QuantBlocks) else 8
+        return {"int4": 4, "int8": 8}[self.opts.lm_head]
+
+    def lm_head(self, x: str, bits: int) -> str:
+        g = self.g
+        if not self.cfg.tie_word_embeddings:
+            w = self.weight("lm_head.weight", bits)
+            self.weight_kinds["lm_head"] = getattr(w, "kind", "fp32")
+            return self.matmul(x, w, "lm_head")
+        if isinstance(self.embed, np.ndarray):
+            g.init("lm_head.weight_t", self.embed.T)
+        return self.matmul(x, self.embed, "lm_head", shared=self.embed_name if isinstance(self.embed, QuantBlocks)
+                           else "lm_head")
+
+
+def _concat_weights(ws: list) -> np.ndarray | QuantBlocks:
+    if isinstance(ws[0], np.ndarray):
+        return np.concatenate(ws, axis=0)
+    w0 = ws[0]
+    cat = lambda attr: None if getattr(w0, attr) is None else np.concatenate([getattr(w, attr) for w in ws])  # noqa: E731
+    return QuantBlocks(w0.bits, w0.block_size, cat("packed"), cat("scales"), None, cat("mins"), w0.kind)
+
+
+def rotary_tables(c: LlamaConfig, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [max_length, head_dim/2] with the same inverse frequencies as transformers."""
+    inv_freq = 1.0 / (c.rope_theta ** (np.arange(0, c.head_dim, 2, dtype=np.float64) / c.head_dim))
+    s = c.rope_scaling
+    if s:  # llama3 frequency-dependent scaling
+        factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+        old = s["original_max_position_embeddings"]
+        wavelen = 2 * np.pi / inv_freq
+        smooth = (old / wavelen - lo) / (hi - lo)
+        scaled = np.where(wavelen > old / lo, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old / lo) & (wavelen >= old / hi)
+        inv_freq = np.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    angles = np.outer(np.arange(max_length, dtype=np.float64), inv_freq).astype(np.float32)
+    return np.cos(angles), np.sin(angles)

@@ -1,0 +1,133 @@
+"""`nomoat export`: checkpoint (+ LoRA) -> model folder, written atomically.
+
+Inputs:  a Hugging Face folder (config.json + *.safetensors + tokenizer) or a llama GGUF file,
+         PEFT LoRA folders to merge, optionally LoRA slots for run-time adapters.
+Output:  model.onnx + model.onnx.data, tokenizer.json + tokenizer_config.json (chat template),
+         nomoat.json (the manifest, see edge/manifest.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+import onnx
+
+from edge.manifest import FORMAT_VERSION, MANIFEST, model_hash, sha256_file
+
+from . import __version__
+from .builder import TARGETS, BuildOptions, LlamaBuilder
+from .lora import check_against, load_adapter, merged_deltas
+from .sources import ExportError, open_checkpoint
+
+
+def export_model(source: str | Path, out: str | Path, opts: BuildOptions, loras: list[tuple[Path, float]] = (),
+                 verify: bool | None = None, force: bool = False, log=print) -> Path:
+    out = Path(out)
+    if out.exists() and not force:
+        raise ExportError(f"output {out} exists (use --force to replace it)")
+    for t in opts.lora_targets:
+        if t not in TARGETS:
+            raise ExportError(f"unknown LoRA target {t!r}; choose from {','.join(TARGETS)}")
+    t0 = time.time()
+    ckpt = open_checkpoint(source)
+    adapters = [load_adapter(path, scale) for path, scale in loras]
+    for ad in adapters:
+        check_against(ad, ckpt)
+    opts.deltas = merged_deltas(adapters)
+    opts.max_length = min(opts.max_length, ckpt.config.max_position_embeddings)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        builder = LlamaBuilder(ckpt, opts, tmp / "model.onnx.data")
+        model = builder.build()
+        onnx.save_model(model, str(tmp / "model.onnx"))
+        del model
+        ckpt.save_tokenizer(tmp)
+        write_manifest(tmp, ckpt, opts, builder, adapters, out.name)
+        log(f"exported {Path(source).name} -> {out} in {time.time() - t0:.1f}s "
+            f"({_size_mb(tmp):.1f} MB, weights: {dict(Counter(builder.weight_kinds.values()))})")
+        if verify is None:
+            verify = _has_torch()
+        if verify:
+            from .verify import verify_export
+
+            verify_export(tmp, source, loras, log=log)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def write_manifest(folder: Path, ckpt, opts: BuildOptions, builder: LlamaBuilder, adapters, name: str) -> None:
+    c = ckpt.config
+    tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    files = {f.name: sha256_file(f) for f in sorted(folder.iterdir()) if f.is_file()}
+    data = {
+        "format": "nomoat-model",
+        "format_version": FORMAT_VERSION,
+        "exporter": f"nomoat {__version__}",
+        "name": name,
+        "architecture": "llama",
+        "config": {k: v for k, v in asdict(c).items() if k not in ("eos_token_ids",)},
+        "vocab_size": c.vocab_size,
+        "bos_token_id": c.bos_token_id,
+        "eos_token_ids": list(c.eos_token_ids),
+        "add_bos_token": tok_cfg.get("add_bos_token", False),
+        "graph": {
+            "file": "model.onnx",
+            "inputs": ["input_ids", "seqlens_k", "total_sequence_length"],
+            "logits": "last position only, [1, 1, vocab]",
+        },
+        "kv_cache": {
+            "layout": "BNSH",
+            "dtype": "float32",
+            "shape": [1, c.num_kv_heads, opts.max_length, c.head_dim],
+            "max_length": opts.max_length,
+            "past": "past_key_values.{layer}.{key|value}",
+            "present": "present.{layer}.{key|value}",
+            "shared_buffer": True,
+        },
+        "lora": {
+            "rank": opts.lora_rank,
+            "targets": list(opts.lora_targets) if opts.lora_rank else [],
+            "naming": "lora.{layer}.{target}.A [in, r] and lora.{layer}.{target}.B [r, out]; y += (x @ A) @ B",
+            "slots": builder.lora_inputs,
+        },
+        "quantization": {
+            "precision": opts.precision,
+            "block_size": opts.block_size,
+            "symmetric": True,
+            "accuracy_level": opts.accuracy_level,
+            "lm_head": opts.lm_head,
+            "weights": dict(Counter(builder.weight_kinds.values())),
+        },
+        "merged_adapters": [{"path": ad.path.name, "scale": ad.scale, "rank": ad.rank} for ad in adapters],
+        "source": {"name": Path(ckpt.path).name, "sha256": ckpt.source_hash},
+        "files": files,
+        "model_hash": model_hash(files),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (folder / MANIFEST).write_text(json.dumps(data, indent=1))
+
+
+def _size_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.iterdir()) / 1e6
+
+
+def _has_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
