@@ -255,7 +255,7 @@ def _gguf_name(hf_name: str) -> str:
 def _unpermute_rows(n_rows: int, n_head: int) -> np.ndarray:
     """llama.cpp stores q/k rows in rotary-interleaved order; this index brings them back to HF order."""
     idx = np.arange(n_rows)
-    return idx.reshape(n_head, 2, n_rows // n_head // 2).swapaxes(1, 2).reshape(n_rows)
+    return idx.reshape(n_head, n_rows // n_head // 2, 2).swapaxes(1, 2).reshape(n_rows)
 
 
 class GGUFCheckpoint(Checkpoint):
