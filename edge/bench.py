@@ -1,0 +1,70 @@
+"""`nomoat bench`: the figures that matter on a device, measured the same way every time.
+
+prefill: tokens/s for a 128-token prompt; decode: tokens/s for 128 new tokens after a short
+prompt; decode at ~1000 tokens of context; load time; peak RSS of this process.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+
+import numpy as np
+
+from .generate import Generator
+from .profile import Profile
+
+
+def _decode(gen: Generator, start: int, n: int) -> float:
+    token = 1000
+    t = time.perf_counter()
+    for i in range(n):
+        token = int(np.argmax(gen.decode_one_token(token, start + i)))
+    return n / (time.perf_counter() - t)
+
+
+def _stats(values: list[float]) -> dict:
+    return {"median": round(statistics.median(values), 2), "min": round(min(values), 2), "max": round(max(values), 2)}
+
+
+def bench_model(folder, profile: Profile, runs: int = 5, long_context: int = 1000) -> dict:
+    loads = []
+    for _ in range(min(runs, 3)):
+        t = time.perf_counter()
+        gen = Generator(folder, profile)
+        loads.append(time.perf_counter() - t)
+    rng = np.random.default_rng(0)
+    vocab = gen.vocab
+    long_context = min(long_context, gen.model.max_length - 40)
+    prefill, decode, decode_long = [], [], []
+    gen.prefill(rng.integers(100, vocab, 16).tolist())  # warm-up
+    for _ in range(runs):
+        ids = rng.integers(100, vocab, 128).tolist()
+        t = time.perf_counter()
+        gen.prefill(ids)
+        prefill.append(128 / (time.perf_counter() - t))
+        gen.prefill(ids[:8])
+        decode.append(_decode(gen, 8, 128))
+        gen.prefill(rng.integers(100, vocab, long_context).tolist())
+        decode_long.append(_decode(gen, long_context, 32))
+    return {
+        "model": str(folder),
+        "threads": profile.threads,
+        "load_s": _stats(loads),
+        "prefill_128_tok_s": _stats(prefill),
+        "decode_128_tok_s": _stats(decode),
+        f"decode_at_{long_context}_tok_s": _stats(decode_long),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "providers": gen.model.providers,
+        "accuracy_level": profile.accuracy_level,
+    }
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{report['model']}  (threads={report['threads'] or 'auto'}, providers={report['providers']})"]
+    for key, value in report.items():
+        if isinstance(value, dict):
+            lines.append(f"  {key:24s} median {value['median']:>8}  min {value['min']:>8}  max {value['max']:>8}")
+    lines.append(f"  {'peak_rss_mib':24s} {report['peak_rss_mib']}")
+    return "\n".join(lines)

