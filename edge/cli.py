@@ -108,9 +108,9 @@ def adapter_pack(peft_dir, model_dir, output, name, version):
 
 def _generator(model, profile, adapter_files=()):
     from .generate import Generator
-    from .profile import load_profile
+    from .profile import Profile, load_profile
 
-    gen = Generator(model, load_profile(profile))
+    gen = Generator(model, profile if isinstance(profile, Profile) else load_profile(profile))
     for f in adapter_files:
         gen.load_adapter(f)
     return gen
@@ -219,6 +219,81 @@ def bench(model, runs, threads, profile, long_context, as_json):
     except _errors() as e:
         _fail(e)
     click.echo(json.dumps(report, indent=1) if as_json else format_table(report))
+
+
+def _mqtt_options(f):
+    for opt in reversed([
+        click.option("--broker", default=None, help="mqtt://host:port or mqtts://host:port (default: profile)."),
+        click.option("--fleet", default=None, help="Fleet name (default: profile)."),
+        click.option("--device", default=None, help="Device name (default: profile)."),
+        click.option("--profile", default=None, help="Device profile (file or name in firmware-configs/)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _profile_with(profile, broker, fleet, device):
+    from .profile import load_profile
+
+    prof = load_profile(profile)
+    if broker:
+        prof.mqtt.broker = broker
+    if fleet:
+        prof.mqtt.fleet = fleet
+    if device:
+        prof.mqtt.device = device
+    return prof
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@_mqtt_options
+@click.option("--adapter-file", multiple=True, type=click.Path(), help=".onnx_adapter to load at start.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
+def serve(model, broker, fleet, device, profile, adapter_file, log_format):
+    """Run the device daemon: prompts in over MQTT, streamed answers out."""
+    from .daemon import Daemon
+
+    try:
+        prof = _profile_with(profile, broker, fleet, device)
+        gen = _generator(model, prof, adapter_file)
+        daemon = Daemon(gen, prof, log_json=log_format == "json")
+    except (*_errors(), ValueError) as e:
+        _fail(e)
+    click.echo(f"serving {gen.manifest.name} as {prof.mqtt.fleet}/{prof.mqtt.device} on {prof.mqtt.broker}", err=True)
+    daemon.serve_forever()
+
+
+@main.command()
+@click.argument("prompt")
+@_mqtt_options
+@click.option("--pool", is_flag=True, help="Send to the fleet's shared pool instead of one device.")
+@click.option("--chat", is_flag=True, help="Send as a chat message (the model's template).")
+@click.option("--max-tokens", type=int, default=128)
+@click.option("--temperature", type=float, default=0.0)
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME[:SCALE]")
+@click.option("--timeout", type=float, default=120.0)
+def ask(prompt, broker, fleet, device, profile, pool, chat, max_tokens, temperature, adapters, timeout):
+    """Send PROMPT to a device (or the fleet pool) and stream the answer."""
+    from .client import ask as ask_request
+
+    prof = _profile_with(profile, broker, fleet, device)
+    req = {"max_tokens": max_tokens, "temperature": temperature,
+           "adapters": [{"name": n, "scale": s} for n, s in _adapters(adapters)]}
+    req.update({"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt})
+    try:
+        for msg in ask_request(prof.mqtt, req, pool=pool, timeout=timeout):
+            if "delta" in msg:
+                click.echo(msg["delta"], nl=False)
+            elif "error" in msg:
+                click.echo(f"\nerror: {msg['error']['code']}: {msg['error']['message']}", err=True)
+                sys.exit(2)
+            else:
+                click.echo()
+                click.echo(json.dumps({"finish_reason": msg["finish_reason"], "usage": msg["usage"],
+                                       **msg["timings"]}), err=True)
+    except TimeoutError as e:
+        _fail(e)
 
 
 if __name__ == "__main__":

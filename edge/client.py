@@ -1,0 +1,54 @@
+"""`nomoat ask`: send one prompt over MQTT and stream the answer (MQTT 5 request/response)."""
+
+from __future__ import annotations
+
+import json
+import queue
+import uuid
+from collections.abc import Iterator
+
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from .daemon import connect, make_client
+from .profile import MqttSettings
+from .protocol import Topics
+
+
+def ask(settings: MqttSettings, request: dict, pool: bool = False, timeout: float = 120.0) -> Iterator[dict]:
+    """Yield the reply messages (chunks, then the final one) for one request."""
+    request = {"id": uuid.uuid4().hex[:16], **request}
+    topics = Topics(settings.prefix, settings.fleet, settings.device or "any")
+    reply_topic = f"{settings.prefix}/{settings.fleet}/clients/{uuid.uuid4().hex}"
+    correlation = request["id"].encode()
+    inbox: queue.Queue = queue.Queue()
+    client = make_client(settings, f"nomoat-ask-{uuid.uuid4().hex[:8]}", persistent=False)
+
+    def on_connect(c, userdata, flags, reason, properties):
+        c.subscribe(reply_topic, qos=1)
+
+    def on_subscribe(c, userdata, mid, reasons, properties):
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = reply_topic
+        props.CorrelationData = correlation
+        c.publish(topics.pool if pool else topics.prompt, json.dumps(request), qos=1, properties=props)
+
+    def on_message(c, userdata, msg):
+        if getattr(msg.properties, "CorrelationData", None) == correlation:
+            inbox.put(json.loads(msg.payload))
+
+    client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
+    connect(client, settings)
+    client.loop_start()
+    try:
+        while True:
+            try:
+                message = inbox.get(timeout=timeout)
+            except queue.Empty:
+                raise TimeoutError(f"no answer within {timeout:.0f}s (is the daemon running?)") from None
+            yield message
+            if message.get("done"):
+                return
+    finally:
+        client.disconnect()
+        client.loop_stop()

@@ -1,0 +1,292 @@
+"""`nomoat serve`: the device daemon. Prompts in over MQTT, streamed answers out.
+
+Threads: paho's network loop (callbacks: parse, validate, enqueue, cancel) and one worker
+that generates (the CPU is the bottleneck, so one request at a time). Requests are QoS 1 and
+acknowledged only when answered (manual ack), with a persistent session: a daemon that dies
+mid-request gets the prompt again from the broker, and prompts sent while it was offline are
+delivered when it comes back. Repeated ids are answered once (finished answers are replayed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import signal
+import ssl
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from . import __version__
+from . import protocol as proto
+from .generate import GenerationError, Generator
+from .profile import MqttSettings, Profile
+
+log = logging.getLogger("nomoat.daemon")
+
+
+def make_client(settings: MqttSettings, client_id: str, persistent: bool, manual_ack: bool = False) -> mqtt.Client:
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
+                         manual_ack=manual_ack)
+    broker = proto.parse_broker(settings.broker)
+    if settings.username:
+        client.username_pw_set(settings.username, settings.password or None)
+    if broker.tls or settings.ca_file:
+        client.tls_set(ca_certs=settings.ca_file or None, certfile=settings.cert_file or None,
+                       keyfile=settings.key_file or None, cert_reqs=ssl.CERT_REQUIRED)
+    client.reconnect_delay_set(min_delay=1, max_delay=30)  # exponential backoff between reconnects
+    client.max_queued_messages_set(10000)
+    client._nomoat_broker = broker  # noqa: SLF001 (kept for connect())
+    client._nomoat_persistent = persistent  # noqa: SLF001
+    return client
+
+
+def connect(client: mqtt.Client, settings: MqttSettings) -> None:
+    props = Properties(PacketTypes.CONNECT)
+    if client._nomoat_persistent:  # noqa: SLF001
+        props.SessionExpiryInterval = settings.session_expiry
+    b = client._nomoat_broker  # noqa: SLF001
+    client.connect_async(b.host, b.port, keepalive=settings.keepalive,
+                         clean_start=not client._nomoat_persistent, properties=props)  # noqa: SLF001
+
+
+@dataclass
+class Job:
+    request: proto.Request
+    reply_topic: str
+    correlation: bytes | None
+    mid: int | None  # broker message id to acknowledge once answered
+    cancelled: bool = False
+
+
+class Daemon:
+    def __init__(self, generator: Generator, profile: Profile, log_json: bool = False):
+        self.gen, self.profile, self.log_json = generator, profile, log_json
+        s = profile.mqtt
+        if not s.device:
+            raise ValueError("a device name is required (--device or [mqtt] device in the profile)")
+        self.topics = proto.Topics(s.prefix, s.fleet, s.device)
+        self.queue: queue.Queue[Job] = queue.Queue(maxsize=profile.queue_size)
+        self.current: Job | None = None
+        self.jobs: dict[str, Job] = {}  # queued or running, by id
+        self.done: OrderedDict[str, bytes] = OrderedDict()  # recent final messages, by id
+        self.lock = threading.Lock()
+        self.started = time.time()
+        self.last_tok_s = 0.0
+        self.default_adapters: tuple[tuple[str, float], ...] = ()
+        self.stopping = threading.Event()
+        self.client = make_client(s, f"nomoat-{s.fleet}-{s.device}", persistent=True, manual_ack=True)
+        self.client.will_set(self.topics.status, self._status("offline"), qos=1, retain=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.hooks: list = []  # extra (topic filter, handler) pairs, e.g. the fleet adapter updater
+
+    # ---- MQTT callbacks (paho's network thread) -----------------------------------------------
+    def _on_connect(self, client, userdata, flags, reason, properties):
+        if reason.is_failure:
+            log.error("broker refused the connection: %s", reason)
+            return
+        log.info("connected to %s (session present: %s)", self.profile.mqtt.broker, flags.session_present)
+        opts = SubscribeOptions(qos=1)
+        subs = [(self.topics.prompt, opts), (self.topics.pool_shared, opts), (self.topics.cancel, opts)]
+        subs += [(topic, opts) for topic, _ in self.hooks]
+        client.subscribe(subs)
+        self.publish_status()
+
+    def _on_disconnect(self, client, userdata, flags, reason, properties):
+        if not self.stopping.is_set():
+            log.warning("disconnected from broker (%s); reconnecting", reason)
+
+    def _on_message(self, client, userdata, msg: mqtt.MQTTMessage):
+        try:
+            if msg.topic == self.topics.cancel:
+                self._cancel(msg.payload)
+            elif msg.topic in (self.topics.prompt, self.topics.pool):
+                self._submit(msg)
+                return  # acknowledged when answered
+            else:
+                for topic, handler in self.hooks:
+                    if mqtt.topic_matches_sub(topic, msg.topic):
+                        handler(msg)
+        except Exception:  # a handler bug must not take the network loop down
+            log.exception("error handling a message on %s", msg.topic)
+        self._ack(msg.mid, msg.qos)
+
+    def _ack(self, mid: int | None, qos: int = 1) -> None:
+        if mid is not None and qos > 0:
+            self.client.ack(mid, qos)
+
+    def _submit(self, msg: mqtt.MQTTMessage) -> None:
+        p = self.profile
+        props = getattr(msg, "properties", None)
+        response = getattr(props, "ResponseTopic", None)
+        correlation = getattr(props, "CorrelationData", None)
+        try:
+            req = proto.parse_request(msg.payload, p.max_payload_bytes, p.max_prompt_chars, p.max_new_tokens)
+        except proto.RequestError as e:
+            self._reject(e.request_id, e.code, e.message, response, correlation, msg.mid)
+            return
+        reply = response or self.topics.reply(req.id)
+        with self.lock:
+            if req.id in self.jobs:  # a redelivery of what we are working on: answered once
+                self._ack(msg.mid)
+                return
+            if req.id in self.done:  # already answered: replay the answer
+                self._publish(reply, self.done[req.id], correlation)
+                self._ack(msg.mid)
+                return
+            job = Job(req, reply, correlation, msg.mid)
+            try:
+                self.queue.put_nowait(job)
+            except queue.Full:
+                self._reject(req.id, "busy", f"queue full ({p.queue_size} waiting); retry later", response,
+                             correlation, msg.mid)
+                return
+            self.jobs[req.id] = job
+        self.publish_status()
+
+    def _reject(self, rid, code, message, response, correlation, mid) -> None:
+        if response or rid:
+            self._publish(response or self.topics.reply(rid), proto.error(rid, code, message), correlation)
+        self._log(rid, event="rejected", code=code, message=message, replied=bool(response or rid))
+        self._ack(mid)
+
+    def _cancel(self, payload: bytes) -> None:
+        try:
+            rid = json.loads(payload)["id"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignored a malformed cancel message")
+            return
+        with self.lock:
+            job = self.jobs.get(rid)
+            if job:
+                job.cancelled = True
+
+    # ---- publishing ------------------------------------------------------------------------
+    def _publish(self, topic: str, payload: bytes, correlation: bytes | None = None, qos: int = 1,
+                 retain: bool = False) -> None:
+        props = None
+        if correlation is not None:
+            props = Properties(PacketTypes.PUBLISH)
+            props.CorrelationData = correlation
+        self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+
+    def _status(self, state: str) -> bytes:
+        m = self.gen.manifest
+        return json.dumps({
+            "state": state, "device": self.topics.device, "fleet": self.topics.fleet,
+            "model": m.name, "model_hash": m.model_hash, "version": __version__,
+            "protocol": proto.PROTOCOL_VERSION, "adapters": sorted(self.gen.adapters.adapters),
+            "default_adapters": [{"name": n, "scale": s} for n, s in self.default_adapters],
+            "queue": self.queue.qsize(), "uptime_s": round(time.time() - self.started, 1),
+            "last_tok_s": self.last_tok_s, "ts": round(time.time(), 3), **self.status_extra(),
+        }).encode()
+
+    def status_extra(self) -> dict:
+        return {}
+
+    def publish_status(self, state: str | None = None) -> None:
+        state = state or ("busy" if self.current or not self.queue.empty() else "online")
+        self._publish(self.topics.status, self._status(state), retain=True)
+
+    def _log(self, rid, **fields) -> None:
+        if self.log_json:
+            log.info(json.dumps({"id": rid, **fields}))
+        else:
+            log.info("request %s %s", rid, " ".join(f"{k}={v}" for k, v in fields.items()))
+
+    # ---- the worker --------------------------------------------------------------------------
+    def _work(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                job = self.queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            self.current = job
+            self.publish_status()
+            try:
+                payload = self._answer(job)
+            except Exception as e:  # never leave a request hanging
+                log.exception("request %s failed", job.request.id)
+                payload = proto.error(job.request.id, "internal", str(e))
+            with self.lock:
+                self.done[job.request.id] = payload
+                while len(self.done) > 256:
+                    self.done.popitem(last=False)
+                self.jobs.pop(job.request.id, None)
+                self.current = None
+            self._publish(job.reply_topic, payload, job.correlation)
+            self._ack(job.mid)
+            self.publish_status()
+
+    def _answer(self, job: Job) -> bytes:
+        req = job.request
+        if req.deadline is not None and time.time() > req.deadline:
+            self._log(req.id, event="expired")
+            return proto.error(req.id, "deadline_exceeded", "the request's deadline passed before it started")
+        if job.cancelled:
+            return proto.final(req.id, "", "cancelled", {"prompt_tokens": 0, "completion_tokens": 0,
+                                                          "total_tokens": 0}, {})
+        adapters = req.adapters or self.default_adapters
+
+        def stop_now() -> bool:
+            return job.cancelled or self.stopping.is_set() or (req.deadline is not None and time.time() > req.deadline)
+
+        seq = 0
+        try:
+            for piece in self.gen.stream(req.prompt, max_tokens=req.max_tokens, params=req.params, stop=req.stop,
+                                         adapters=adapters, cancelled=stop_now):
+                if isinstance(piece, str):
+                    if req.stream:
+                        self._publish(job.reply_topic, proto.chunk(req.id, seq, piece), job.correlation)
+                        seq += 1
+                else:
+                    result = piece
+        except GenerationError as e:
+            code = "unknown_adapter" if "adapter" in str(e) else \
+                "context_length" if "context" in str(e) else "invalid_request"
+            self._log(req.id, event="error", code=code, message=str(e))
+            return proto.error(req.id, code, str(e))
+        self.last_tok_s = result.timings.get("decode_tok_s", 0.0)
+        self._log(req.id, prompt_tokens=result.prompt_tokens, tokens=len(result.tokens),
+                  tok_s=self.last_tok_s, finish=result.finish_reason)
+        return proto.final(req.id, result.text, result.finish_reason, result.usage, result.timings)
+
+    # ---- life cycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        connect(self.client, self.profile.mqtt)
+        self.client.loop_start()
+        self.worker = threading.Thread(target=self._work, name="nomoat-worker", daemon=True)
+        self.worker.start()
+
+    def stop(self) -> None:
+        """Cancel the current request (it gets its final message), publish offline, disconnect."""
+        self.stopping.set()
+        if self.current:
+            self.current.cancelled = True
+        if hasattr(self, "worker"):
+            self.worker.join(timeout=30)
+        info = self.client.publish(self.topics.status, self._status("offline"), qos=1, retain=True)
+        try:
+            info.wait_for_publish(timeout=5)
+        except (RuntimeError, ValueError):
+            pass
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def serve_forever(self) -> None:
+        done = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: done.set())
+        self.start()
+        done.wait()
+        log.info("shutting down")
+        self.stop()

@@ -1,0 +1,320 @@
+"""nomoat serve against a real Mosquitto broker and real paho clients, with the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import paho.mqtt.client as mqtt
+import pytest
+from conftest import mosquitto_path
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edge.daemon import Daemon
+from edge.generate import Generator
+from edge.profile import Profile
+
+pytestmark = [pytest.mark.mqtt, pytest.mark.skipif(not mosquitto_path(), reason="mosquitto is not installed")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Broker:
+    def __init__(self, tmp_path, extra: str = ""):
+        self.port = free_port()
+        self.conf = tmp_path / f"mosquitto-{self.port}.conf"
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n{extra}")
+        self.proc = None
+        self.start()
+
+    def start(self):
+        self.proc = subprocess.Popen([mosquitto_path(), "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("mosquitto did not start")
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+
+@pytest.fixture
+def broker(tmp_path):
+    b = Broker(tmp_path)
+    yield b
+    b.stop()
+
+
+class Client:
+    """A test client: publishes requests (with or without Response Topic) and collects every reply."""
+
+    def __init__(self, broker: Broker):
+        self.inbox: queue.Queue = queue.Queue()
+        self.reply_topic = f"test/replies/{uuid.uuid4().hex}"
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.c.on_message = lambda c, u, m: self.inbox.put((m.topic, json.loads(m.payload),
+                                                            getattr(m.properties, "CorrelationData", None)))
+        self.c.connect("127.0.0.1", broker.port)
+        self.c.loop_start()
+        self.subscribe(self.reply_topic)
+        self.subscribe("nomoat/f/+/reply/#")
+
+    def subscribe(self, topic):
+        done = queue.Queue()
+        self.c.on_subscribe = lambda *a: done.put(1)
+        self.c.subscribe(topic, qos=1)
+        done.get(timeout=5)
+
+    def send(self, topic, payload, correlation: bytes | None = b"corr", response=True):
+        props = Properties(PacketTypes.PUBLISH)
+        if response:
+            props.ResponseTopic = self.reply_topic
+        if correlation is not None:
+            props.CorrelationData = correlation
+        data = payload if isinstance(payload, (bytes, str)) else json.dumps(payload)
+        self.c.publish(topic, data, qos=1, properties=props).wait_for_publish(5)
+
+    def until_done(self, rid=None, timeout=30.0):
+        """All messages up to the final one of request `rid`."""
+        got, end = [], time.time() + timeout
+        while time.time() < end:
+            try:
+                item = self.inbox.get(timeout=max(0.01, end - time.time()))
+            except queue.Empty:
+                break
+            got.append(item)
+            if item[1].get("done") and (rid is None or item[1].get("id") == rid):
+                return got
+        raise AssertionError(f"no final message for {rid}; got {got}")
+
+    def close(self):
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+def profile(broker, device="d1", **kw) -> Profile:
+    p = Profile(queue_size=kw.pop("queue_size", 4), max_payload_bytes=kw.pop("max_payload_bytes", 4096),
+                max_prompt_chars=kw.pop("max_prompt_chars", 500), max_new_tokens=64, **kw)
+    p.mqtt.broker, p.mqtt.fleet, p.mqtt.device, p.mqtt.session_expiry = broker.url, "f", device, 600
+    return p
+
+
+@pytest.fixture
+def model(exported):
+    return exported("slots", lora_rank=8, precision="fp32")
+
+
+@pytest.fixture
+def daemon(broker, model):
+    d = Daemon(Generator(model), profile(broker))
+    d.start()
+    wait_status(broker, "d1", "online")
+    yield d
+    d.stop()
+
+
+def wait_status(broker, device, state, timeout=15.0) -> dict:
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    box: queue.Queue = queue.Queue()
+    c.on_message = lambda cl, u, m: box.put(json.loads(m.payload)) if m.payload else None
+    c.connect("127.0.0.1", broker.port)
+    c.subscribe(f"nomoat/f/{device}/status", qos=1)
+    c.loop_start()
+    end = time.time() + timeout
+    try:
+        while time.time() < end:
+            try:
+                s = box.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if s["state"] == state:
+                return s
+        raise AssertionError(f"{device} never reported {state}")
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+def test_request_reply_with_response_topic_and_correlation(broker, daemon):
+    c = Client(broker)
+    c.send("nomoat/f/d1/prompt", {"id": "r1", "prompt": "The capital", "max_tokens": 12}, correlation=b"xyz")
+    msgs = c.until_done("r1")
+    assert all(topic == c.reply_topic and corr == b"xyz" for topic, _, corr in msgs)
+    chunks = [m for _, m, _ in msgs if "delta" in m]
+    final = msgs[-1][1]
+    assert [m["seq"] for m in chunks] == list(range(len(chunks)))
+    assert "".join(m["delta"] for m in chunks) == final["text"]
+    assert final["usage"]["completion_tokens"] <= 12 and final["finish_reason"] in ("stop", "length")
+    assert final["text"] == Generator(daemon.gen.model.folder).generate("The capital", max_tokens=12).text
+    c.close()
+
+
+def test_fallback_reply_topic_and_no_stream(broker, daemon):
+    c = Client(broker)
+    c.send("nomoat/f/d1/prompt", {"id": "r2", "prompt": "hello", "max_tokens": 5, "stream": False},
+           response=False, correlation=None)
+    msgs = c.until_done("r2")
+    assert [t for t, _, _ in msgs] == ["nomoat/f/d1/reply/r2"]
+    assert msgs[0][1]["done"] is True
+    c.close()
+
+
+@pytest.mark.parametrize("payload,code", [
+    (b"{not json", "invalid_json"),
+    (json.dumps({"prompt": "x"}), "invalid_request"),  # no id
+    (json.dumps({"id": "b1", "prompt": 5}), "invalid_request"),
+    (json.dumps({"id": "b2", "prompt": "x", "bogus": 1}), "invalid_request"),
+    (json.dumps({"id": "b3", "prompt": "x" * 600}), "too_large"),
+    (json.dumps({"id": "b4", "prompt": "x", "pad": "y" * 5000}), "too_large"),
+    (json.dumps({"id": "b5", "prompt": "x", "adapters": [{"name": "nope"}]}), "unknown_adapter"),
+    (json.dumps({"id": "b6", "prompt": "x", "max_tokens": 0}), "invalid_request"),
+    (json.dumps({"id": "b7", "prompt": "x", "max_tokens": 10**6}), "invalid_request"),
+    (json.dumps({"id": "b8", "prompt": "x", "temperature": "hot"}), "invalid_request"),
+])
+def test_bad_input_gets_error_and_daemon_keeps_serving(broker, daemon, payload, code):
+    c = Client(broker)
+    c.send("nomoat/f/d1/prompt", payload)
+    msgs = c.until_done()
+    err = msgs[-1][1]
+    assert err["error"]["code"] == code, err
+    c.send("nomoat/f/d1/prompt", {"id": "good", "prompt": "hi", "max_tokens": 3})
+    assert c.until_done("good")[-1][1]["finish_reason"] in ("stop", "length")
+    c.close()
+
+
+def test_queue_full_replies_busy_and_cancel(broker, model):
+    d = Daemon(Generator(model), profile(broker, queue_size=1))
+    d.start()
+    wait_status(broker, "d1", "online")
+    c = Client(broker)
+    try:
+        c.send("nomoat/f/d1/prompt", {"id": "long", "prompt": "a", "max_tokens": 64, "temperature": 1.0,
+                                      "seed": 1, "stop": ["<never>"]})
+        time.sleep(0.05)
+        c.send("nomoat/f/d1/prompt", {"id": "queued", "prompt": "b", "max_tokens": 2})
+        c.send("nomoat/f/d1/prompt", {"id": "overflow", "prompt": "c", "max_tokens": 2})
+        c.send("nomoat/f/d1/cancel", {"id": "long"}, correlation=None, response=False)
+        c.send("nomoat/f/d1/cancel", b"garbage", correlation=None, response=False)
+        finals = {}
+        end = time.time() + 30
+        while len(finals) < 3 and time.time() < end:
+            for _, m, _ in c.until_done():
+                if m.get("done"):
+                    finals[m["id"]] = m
+        assert finals["overflow"]["error"]["code"] == "busy"
+        assert finals["long"]["finish_reason"] == "cancelled"
+        assert finals["queued"]["finish_reason"] in ("stop", "length")
+    finally:
+        c.close()
+        d.stop()
+
+
+def test_shared_subscription_each_pooled_prompt_answered_once(broker, model):
+    daemons = [Daemon(Generator(model), profile(broker, device=name)) for name in ("d1", "d2")]
+    for d in daemons:
+        d.start()
+    for name in ("d1", "d2"):
+        wait_status(broker, name, "online")
+    c = Client(broker)
+    try:
+        ids = [f"p{i}" for i in range(8)]
+        for rid in ids:
+            c.send("nomoat/f/prompt", {"id": rid, "prompt": "x", "max_tokens": 2, "stream": False})
+        finals = []
+        end = time.time() + 30
+        while len(finals) < len(ids) and time.time() < end:
+            try:
+                _, m, _ = c.inbox.get(timeout=1)
+            except queue.Empty:
+                continue
+            if m.get("done"):
+                finals.append(m["id"])
+        time.sleep(0.5)
+        while not c.inbox.empty():
+            finals.append(c.inbox.get()[1]["id"])
+        assert sorted(finals) == sorted(ids)  # each exactly once
+    finally:
+        c.close()
+        for d in daemons:
+            d.stop()
+
+
+def serve_process(broker, model, device="d9", env_extra=None):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "edge.cli", "serve", str(model), "--broker", broker.url,
+                             "--fleet", "f", "--device", device], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_sigterm_publishes_offline_and_offline_prompts_are_answered_later(broker, model):
+    proc = serve_process(broker, model)
+    try:
+        wait_status(broker, "d9", "online", timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert wait_status(broker, "d9", "offline")["state"] == "offline"
+        c = Client(broker)
+        c.send("nomoat/f/d9/prompt", {"id": "while-down", "prompt": "hi", "max_tokens": 3})
+        proc = serve_process(broker, model)  # persistent session: the broker kept the prompt
+        assert c.until_done("while-down", timeout=60)[-1][1]["finish_reason"] in ("stop", "length")
+        c.close()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_last_will_reports_offline_on_crash(broker, model):
+    proc = serve_process(broker, model, device="d8")
+    try:
+        wait_status(broker, "d8", "online", timeout=60)
+        proc.kill()  # no clean shutdown: the broker publishes the will after the keepalive lapses
+        proc.wait()
+        assert wait_status(broker, "d8", "offline", timeout=60)["state"] == "offline"
+    finally:
+        proc.kill()
+
+
+def test_broker_restart_mid_stream(broker, daemon):
+    c = Client(broker)
+    c.send("nomoat/f/d1/prompt", {"id": "cut", "prompt": "a", "max_tokens": 64, "temperature": 1.0, "seed": 2,
+                                  "stop": ["<never>"]})
+    time.sleep(0.1)
+    broker.stop()
+    time.sleep(0.5)
+    broker.start()
+    c.close()
+    c = Client(broker)
+    # the daemon reconnects (backoff) and answers new requests
+    deadline = time.time() + 40
+    while time.time() < deadline:
+        c.send("nomoat/f/d1/prompt", {"id": f"after-{int(time.time() * 1000)}", "prompt": "hi", "max_tokens": 2})
+        try:
+            msgs = c.until_done(timeout=5)
+            if msgs[-1][1].get("finish_reason"):
+                break
+        except AssertionError:
+            continue
+    else:
+        raise AssertionError("daemon did not come back after the broker restart")
+    c.close()
