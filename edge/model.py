@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,17 +43,31 @@ def choose_providers(profile: Profile) -> list[tuple[str, dict]]:
     return chosen + [("CPUExecutionProvider", cpu_opts)]
 
 
-def _graph_bytes(path: Path, exported_level: int, level: int | None) -> bytes | None:
-    """model.onnx with MatMulNBits' accuracy_level changed, or None when no change is needed.
+def graph_for_level(path: Path, exported_level: int, level: int | None) -> Path:
+    """model.onnx, or a copy with MatMulNBits' accuracy_level changed for this device.
 
     The attribute is a one-byte varint, so a same-length byte replacement keeps the protobuf
-    valid without the onnx package (which the device side does not install).
+    valid without the onnx package (which the device side does not install). The copy sits
+    beside model.onnx (it names its weights file relatively), or in a temporary folder with a
+    link to the weights when the model folder is read-only.
     """
     if level is None or level == exported_level:
-        return None
-    raw = path.read_bytes()
+        return path
     attr = b"\x0a\x0eaccuracy_level\x18"
-    return raw.replace(attr + bytes([exported_level]), attr + bytes([level]))
+    graph = path.read_bytes().replace(attr + bytes([exported_level]), attr + bytes([level]))
+    target = path.with_name(f"{path.stem}.acc{level}.onnx")
+    try:
+        if not target.exists() or target.read_bytes() != graph:
+            tmp = target.with_name(target.name + ".tmp")
+            tmp.write_bytes(graph)
+            tmp.replace(target)
+    except OSError:
+        folder = Path(tempfile.mkdtemp(prefix="nomoat-"))
+        for f in path.parent.glob(f"{path.name}.data*"):
+            (folder / f.name).symlink_to(f.resolve())
+        target = folder / path.name
+        target.write_bytes(graph)
+    return target
 
 
 class Model:
@@ -77,20 +92,13 @@ class Model:
         so.enable_mem_pattern = p.memory_pattern
         so.graph_optimization_level = _LEVELS[p.graph_optimization]
         so.log_severity_level = 3
-        # weights are page-aligned in model.onnx.data: let onnxruntime map rather than copy them
-        so.add_session_config_entry("session.use_mmap_for_external_initializers", "1") \
-            if hasattr(so, "add_session_config_entry") else None
         if p.optimized_model_cache:
             so.optimized_model_filepath = p.optimized_model_cache
         path = self.folder / self.manifest.data["graph"]["file"]
         exported_level = self.manifest.data["quantization"]["accuracy_level"]
-        graph = _graph_bytes(path, exported_level, p.accuracy_level)
-        providers = choose_providers(p)
+        graph = graph_for_level(path, exported_level, p.accuracy_level)
         try:
-            if graph is None:
-                return ort.InferenceSession(str(path), so, providers=providers)
-            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.folder))
-            return ort.InferenceSession(graph, so, providers=providers)
+            return ort.InferenceSession(str(graph), so, providers=choose_providers(p))
         except Exception as e:  # onnxruntime raises several exception types for a bad model
             raise ModelError(f"onnxruntime could not load {path}: {str(e).splitlines()[0]}") from e
 
