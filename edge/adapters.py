@@ -48,7 +48,7 @@ def read_adapter(path: str | Path, manifest: Manifest, name: str | None = None) 
         raise AdapterError(f"adapter file not found: {path}")
     try:
         params = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
-        tensors = {k: v.numpy() for k, v in params.items()}
+        tensors = {k: np.array(v.numpy(), copy=True) for k, v in params.items()}  # own the memory
     except Exception as e:
         raise AdapterError(f"unreadable adapter {path.name}: {str(e).splitlines()[0]}") from e
     if META not in tensors:

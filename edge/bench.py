@@ -29,8 +29,9 @@ def _stats(values: list[float]) -> dict:
 
 
 def bench_model(folder, profile: Profile, runs: int = 5, long_context: int = 1000) -> dict:
-    loads = []
+    loads, gen = [], None
     for _ in range(min(runs, 3)):
+        gen = None  # one session at a time, or the RSS figure counts several
         t = time.perf_counter()
         gen = Generator(folder, profile)
         loads.append(time.perf_counter() - t)

