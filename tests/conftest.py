@@ -132,3 +132,13 @@ def mosquitto_path() -> str | None:
 
 def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data))
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """A private Mosquitto on a free loopback port, with its own config file."""
+    from test_daemon import Broker
+
+    b = Broker(tmp_path)
+    yield b
+    b.stop()

@@ -59,13 +59,6 @@ class Broker:
         return f"mqtt://127.0.0.1:{self.port}"
 
 
-@pytest.fixture
-def broker(tmp_path):
-    b = Broker(tmp_path)
-    yield b
-    b.stop()
-
-
 class Client:
     """A test client: publishes requests (with or without Response Topic) and collects every reply."""
 

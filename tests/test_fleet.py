@@ -9,7 +9,7 @@ import time
 import paho.mqtt.client as mqtt
 import pytest
 from conftest import mosquitto_path
-from test_daemon import Broker, Client, broker, profile, wait_status  # noqa: F401 (broker is a fixture)
+from test_daemon import Broker, Client, profile, wait_status
 
 from edge.client import publish_all
 from edge.daemon import Daemon
@@ -82,8 +82,6 @@ class Events:
 
 def push(broker, adapter_file, key_path, version=1, name="a1", chunk_size=1024, activate=True, only=None,
          tamper=None, manifest_edit=None):
-    from edge.adapters import read_adapter  # noqa: F401
-
     import onnxruntime as ort
 
     meta = json.loads(ort.AdapterFormat.read_adapter(str(adapter_file)).get_parameters()["nomoat.meta"]
