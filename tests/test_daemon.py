@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -198,17 +199,23 @@ def test_bad_input_gets_error_and_daemon_keeps_serving(broker, daemon, payload, 
 
 def test_queue_full_replies_busy_and_cancel(broker, model):
     d = Daemon(Generator(model), profile(broker, queue_size=1))
+    # hold the worker inside its first request (the real model still runs) so the queue state is known
+    gate, real_step = threading.Event(), d.gen.decode_one_token
+    d.gen.decode_one_token = lambda *a: (gate.wait(20), real_step(*a))[1]
     d.start()
     wait_status(broker, "d1", "online")
     c = Client(broker)
     try:
-        c.send("nomoat/f/d1/prompt", {"id": "long", "prompt": "a", "max_tokens": 64, "temperature": 1.0,
-                                      "seed": 1, "stop": ["<never>"]})
-        time.sleep(0.05)
+        c.send("nomoat/f/d1/prompt", {"id": "long", "prompt": "a", "max_tokens": 64, "stop": ["<never>"]})
+        end = time.time() + 10
+        while d.current is None and time.time() < end:
+            time.sleep(0.01)
         c.send("nomoat/f/d1/prompt", {"id": "queued", "prompt": "b", "max_tokens": 2})
         c.send("nomoat/f/d1/prompt", {"id": "overflow", "prompt": "c", "max_tokens": 2})
         c.send("nomoat/f/d1/cancel", {"id": "long"}, correlation=None, response=False)
         c.send("nomoat/f/d1/cancel", b"garbage", correlation=None, response=False)
+        time.sleep(0.3)
+        gate.set()
         finals = {}
         end = time.time() + 30
         while len(finals) < 3 and time.time() < end:
@@ -219,6 +226,7 @@ def test_queue_full_replies_busy_and_cancel(broker, model):
         assert finals["long"]["finish_reason"] == "cancelled"
         assert finals["queued"]["finish_reason"] in ("stop", "length")
     finally:
+        gate.set()
         c.close()
         d.stop()
 
