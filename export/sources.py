@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.manifest import sha256_file
+
 
 class ExportError(Exception):
     """A problem with the user's input, reported as one line."""
@@ -88,14 +90,6 @@ def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
 
 def pack_nibbles(q: np.ndarray) -> np.ndarray:
     return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Checkpoint:
