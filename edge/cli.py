@@ -221,6 +221,24 @@ def bench(model, runs, threads, profile, long_context, as_json):
     click.echo(json.dumps(report, indent=1) if as_json else format_table(report))
 
 
+@main.command()
+@click.option("--profile", default=None, help="Check this profile (default: the bundled one that fits best).")
+@click.option("--model", type=click.Path(), default=None, help="Also check that this model fits the profile's memory.")
+@click.option("--json", "as_json", is_flag=True)
+def doctor(profile, model, as_json):
+    """What this device has (CPU features, cores, memory, onnxruntime), which profile fits, what is missing."""
+    from .doctor import format_report, inspect_device, report
+    from .profile import load_profile
+
+    try:
+        r = report(inspect_device(), load_profile(profile) if profile else None, model)
+    except _errors() as e:
+        _fail(e)
+    click.echo(json.dumps(r, indent=1) if as_json else format_report(r))
+    if any(p["fatal"] for p in r["problems"]):
+        sys.exit(1)
+
+
 def _mqtt_options(f):
     for opt in reversed([
         click.option("--broker", default=None, help="mqtt://host:port or mqtts://host:port (default: profile)."),

@@ -40,6 +40,10 @@ class MqttSettings:
 class Profile:
     name: str = "default"
     description: str = ""
+    # What the profile is for (`nomoat doctor` matches them against the machine; empty = any).
+    arch: str = ""  # platform.machine(): "aarch64", "x86_64"
+    cpu_features: list[str] = field(default_factory=list)  # /proc/cpuinfo flags it needs, e.g. "asimddp"
+    android: bool = False  # only for Android (Termux / proot-distro)
     providers: list[Provider] = field(default_factory=lambda: [Provider("CPUExecutionProvider")])
     threads: int = 0  # 0: onnxruntime decides (physical cores)
     arena: bool = True
@@ -108,17 +112,25 @@ def profile_from_dict(data: dict, where: str = "profile") -> Profile:
     return p
 
 
+def bundled_profiles() -> dict[str, Path]:
+    """The profiles of firmware-configs/ (in a checkout) or edge/firmware_configs (in an installed wheel)."""
+    here = Path(__file__).resolve().parent
+    for folder in (here.parent / "firmware-configs", here / "firmware_configs"):
+        if folder.is_dir():
+            return {p.stem: p for p in sorted(folder.glob("*.toml"))}
+    return {}
+
+
 def load_profile(path: str | Path | None) -> Profile:
     """A profile from a TOML file, a name in firmware-configs/, or the built-in default."""
     if path is None:
         return Profile()
     candidate = Path(path)
     if not candidate.exists():
-        bundled = Path(__file__).resolve().parent.parent / "firmware-configs" / f"{path}.toml"
-        if bundled.exists():
-            candidate = bundled
-        else:
-            raise ProfileError(f"profile not found: {path}")
+        bundled = bundled_profiles()
+        if str(path) not in bundled:
+            raise ProfileError(f"profile not found: {path} (bundled: {', '.join(bundled) or 'none'})")
+        candidate = bundled[str(path)]
     try:
         data = tomllib.loads(candidate.read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:

@@ -78,7 +78,7 @@ def export(src: Path, out: Path, **kw) -> Path:
 
     loras = kw.pop("loras", [])
     verify = kw.pop("verify", False)
-    return export_model(src, out, BuildOptions(max_length=256, **kw), loras, verify=verify, log=lambda *_: None)
+    return export_model(src, out, BuildOptions(**{"max_length": 256, **kw}), loras, verify=verify, log=lambda *_: None)
 
 
 @pytest.fixture(scope="session")

@@ -139,3 +139,13 @@ def test_smollm2_gguf_says_paris(smollm2_gguf, tmp_path):
     assert any("greedy export:    ' Paris" in line for line in lines), lines
     result = Generator(out).generate("The capital of France is", max_tokens=4)
     assert result.text.startswith(" Paris"), result.text
+
+    # `nomoat doctor`: it fits a Raspberry Pi Zero 2 W at its profile's context, not a 100 MiB budget.
+    from test_doctor import ZERO2, device
+
+    from edge.doctor import check
+    from edge.profile import Profile, load_profile
+
+    zero = device(ZERO2, 427)
+    assert not [msg for _, msg in check(load_profile("raspberry-pi-zero-2w"), zero, out) if "MiB" in msg]
+    assert any("lower context_length" in msg for _, msg in check(Profile(memory_cap_mb=100), zero, out))

@@ -1,0 +1,174 @@
+"""`nomoat doctor`: what this device has, which bundled profile fits it, and what a profile asks that it lacks.
+
+Reads /proc and /sys (Linux, Android); parsing is kept apart from reading so that the tests can feed it the
+cpuinfo of a Raspberry Pi.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import onnxruntime as ort
+
+from .manifest import read_manifest
+from .profile import Profile, bundled_profiles, load_profile
+
+# MIDR part numbers of the Arm cores found in boards and phones (/proc/cpuinfo "CPU part").
+ARM_PARTS = {
+    "0xd03": "Cortex-A53", "0xd04": "Cortex-A35", "0xd05": "Cortex-A55", "0xd07": "Cortex-A57",
+    "0xd08": "Cortex-A72", "0xd09": "Cortex-A73", "0xd0a": "Cortex-A75", "0xd0b": "Cortex-A76",
+    "0xd0d": "Cortex-A77", "0xd41": "Cortex-A78", "0xd44": "Cortex-X1", "0xd46": "Cortex-A510",
+    "0xd47": "Cortex-A710", "0xd48": "Cortex-X2", "0xd4d": "Cortex-A715", "0xd4e": "Cortex-X3",
+    "0xd80": "Cortex-A520", "0xd81": "Cortex-A720", "0xd82": "Cortex-X4",
+}
+# The CPU features that change which onnxruntime kernels run, per architecture.
+KEY_FEATURES = {
+    "aarch64": {"asimddp": "dot-product (int8 MatMulNBits)", "i8mm": "int8 matrix multiply",
+                "asimdhp": "fp16 arithmetic", "sve": "SVE"},
+    "x86_64": {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "AVX-512 VNNI", "avx_vnni": "AVX-VNNI",
+               "f16c": "fp16 conversion"},
+}
+
+
+@dataclass
+class Device:
+    machine: str
+    cpu: str
+    cores: int
+    features: list[str]
+    memory_mb: int
+    available_mb: int
+    android: bool = False
+    board: str = ""
+    python: str = field(default_factory=platform.python_version)
+    onnxruntime: str = ort.__version__
+    providers: list[str] = field(default_factory=ort.get_available_providers)
+
+
+def parse_cpuinfo(text: str) -> tuple[str, list[str]]:
+    """(cpu description, sorted feature flags) from /proc/cpuinfo of x86 ("model name", "flags") or Arm
+    ("CPU part", "Features")."""
+    names: list[str] = []
+    features: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip().lower(), value.strip()
+        if key in ("flags", "features"):
+            features.update(value.split())
+        elif key == "model name":
+            names.append(value)
+        elif key == "cpu part":
+            names.append(ARM_PARTS.get(value.lower(), f"Arm part {value}"))
+    counts: dict[str, int] = {}
+    for n in names:
+        counts[n] = counts.get(n, 0) + 1
+    cpu = " + ".join(f"{c}x {n}" for n, c in counts.items()) or platform.processor() or "unknown"
+    return cpu, sorted(features)
+
+
+def parse_meminfo(text: str) -> tuple[int, int]:
+    """(MemTotal, MemAvailable) in MiB."""
+    values = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if rest.strip().endswith("kB"):
+            values[key.strip()] = int(rest.split()[0]) // 1024
+    total = values.get("MemTotal", 0)
+    return total, values.get("MemAvailable", total)
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text(errors="replace").replace("\x00", "").strip()
+    except OSError:
+        return ""
+
+
+def inspect_device() -> Device:
+    cpu, features = parse_cpuinfo(_read("/proc/cpuinfo"))
+    total, available = parse_meminfo(_read("/proc/meminfo"))
+    android = bool(os.environ.get("ANDROID_ROOT") or os.environ.get("TERMUX_VERSION")
+                   or Path("/system/build.prop").exists())  # proot-distro binds /system from Android
+    return Device(machine=platform.machine(), cpu=cpu, cores=os.cpu_count() or 1, features=features,
+                  memory_mb=total, available_mb=available, android=android,
+                  board=_read("/proc/device-tree/model"))
+
+
+def model_memory_mb(model: str | Path, context_length: int) -> float:
+    """Weights plus the KV cache the runtime preallocates for this context length."""
+    m = read_manifest(model)
+    weights = sum(p.stat().st_size for p in m.folder.glob("model.onnx*"))
+    _, kv_heads, max_length, head_dim = m.kv_shape
+    width = 2 if m.data["kv_cache"]["dtype"] == "float16" else 4
+    kv = 2 * m.num_layers * kv_heads * min(context_length, max_length) * head_dim * width
+    return round((weights + kv) / 2**20, 1)
+
+
+def check(profile: Profile, device: Device, model: str | Path | None = None) -> list[tuple[bool, str]]:
+    """Problems of running `profile` here: (fatal, message); fatal ones mean the profile does not fit."""
+    found: list[tuple[bool, str]] = []
+    if profile.arch and profile.arch != device.machine:
+        found.append((True, f"made for {profile.arch}; this machine is {device.machine}"))
+    missing = [f for f in profile.cpu_features if f not in device.features]
+    if missing:
+        found.append((True, f"needs CPU features this CPU lacks: {', '.join(missing)}"))
+    if profile.android != device.android:
+        found.append((True, "made for Android" if profile.android else "not made for Android"))
+    if profile.memory_cap_mb > device.memory_mb:
+        found.append((True, f"memory cap {profile.memory_cap_mb} MiB > {device.memory_mb} MiB installed"))
+    if device.machine == "aarch64" and profile.accuracy_level == 4 and "asimddp" not in device.features:
+        found.append((False, "accuracy_level 4 needs dot-product instructions (asimddp); "
+                             "onnxruntime falls back to the slower fp32 path here: use 1"))
+    for p in profile.providers:
+        if p.name not in device.providers:
+            found.append((False, f"{p.name} is not in this onnxruntime ({', '.join(device.providers)}); skipped"))
+    if profile.threads > device.cores:
+        found.append((False, f"threads = {profile.threads} > {device.cores} cores"))
+    if model is not None:
+        need = model_memory_mb(model, profile.context_length)
+        budget = min(filter(None, (profile.memory_cap_mb, device.available_mb)), default=0)
+        if budget and need > budget:
+            found.append((False, f"the model needs ~{need:.0f} MiB (weights + KV cache at context "
+                                 f"{profile.context_length}) > {budget} MiB: lower context_length"))
+    return found
+
+
+def fitting_profiles(device: Device) -> list[str]:
+    """Bundled profiles without fatal problems here, the most capable (largest memory cap) first."""
+    fits = []
+    for name in bundled_profiles():
+        profile = load_profile(name)
+        if not any(fatal for fatal, _ in check(profile, device)):
+            fits.append((profile.memory_cap_mb, name))
+    return [name for _, name in sorted(fits, key=lambda f: (-f[0], f[1]))]
+
+
+def report(device: Device, profile: Profile | None = None, model: str | Path | None = None) -> dict:
+    fits = fitting_profiles(device)
+    chosen = profile or (load_profile(fits[0]) if fits else Profile())
+    return {"device": asdict(device), "fitting_profiles": fits, "profile": chosen.name,
+            "problems": [{"fatal": fatal, "message": msg} for fatal, msg in check(chosen, device, model)],
+            "model_memory_mb": model_memory_mb(model, chosen.context_length) if model else None}
+
+
+def format_report(r: dict) -> str:
+    d = r["device"]
+    notable = KEY_FEATURES.get(d["machine"], {})
+    features = ", ".join(f"{label}: {'yes' if flag in d['features'] else 'no'}" for flag, label in notable.items())
+    lines = [
+        f"machine      {d['machine']}{' (' + d['board'] + ')' if d['board'] else ''}{', Android' if d['android'] else ''}",
+        f"cpu          {d['cpu']} ({d['cores']} cores)",
+        f"features     {features or ', '.join(d['features'][:12])}",
+        f"memory       {d['memory_mb']} MiB, {d['available_mb']} MiB available",
+        f"python       {d['python']}",
+        f"onnxruntime  {d['onnxruntime']}: {', '.join(d['providers'])}",
+        f"fits         {', '.join(r['fitting_profiles']) or 'no bundled profile (the built-in default is used)'}",
+    ]
+    if r["model_memory_mb"] is not None:
+        lines.append(f"model        ~{r['model_memory_mb']:.0f} MiB (weights + KV cache)")
+    lines.append(f"profile      {r['profile']}: " + ("OK" if not r["problems"] else f"{len(r['problems'])} problem(s)"))
+    lines += [f"  {'ERROR' if p['fatal'] else 'warning'}: {p['message']}" for p in r["problems"]]
+    return "\n".join(lines)

@@ -1,0 +1,37 @@
+"""Runs inside emulated aarch64 (and on the host, for the reference): greedy tokens and prefill logits as JSON.
+
+    python arm64_probe.py INT4_MODEL SLOTS_MODEL ADAPTER_FILE
+
+Only the installed `edge` package is used (the test runs this file from a folder outside the checkout).
+"""
+import json
+import platform
+import sys
+
+import onnxruntime
+
+from edge.doctor import fitting_profiles, inspect_device
+from edge.generate import Generator
+from edge.profile import Profile
+
+PROMPT = "The capital of France is"
+
+
+def main(int4_model: str, slots_model: str, adapter: str) -> dict:
+    device = inspect_device()
+    out: dict = {"machine": platform.machine(), "onnxruntime": onnxruntime.__version__, "cpu": device.cpu,
+                 "fitting_profiles": fitting_profiles(device)}
+    for level in (1, 4):  # 1: fp32 compute path, 4: int8 activations (dot-product kernels where the CPU has them)
+        g = Generator(int4_model, Profile(accuracy_level=level, threads=1))
+        out[f"acc{level}_logits"] = g.prefill(g.encode(PROMPT)).ravel().tolist()
+        out[f"acc{level}_tokens"] = g.generate(PROMPT, max_tokens=8).tokens
+    g = Generator(slots_model, Profile(accuracy_level=1, threads=1))  # fp32 path: comparable across CPUs
+    out["base"] = g.generate(PROMPT, max_tokens=8).tokens
+    name = g.load_adapter(adapter)
+    out["adapter"] = g.generate(PROMPT, max_tokens=8, adapters=((name, 1.0),)).tokens
+    out["off"] = g.generate(PROMPT, max_tokens=8).tokens
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(*sys.argv[1:4])))

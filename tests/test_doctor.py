@@ -1,0 +1,74 @@
+"""`nomoat doctor`: device facts from real /proc files, the profile that fits, and what a profile lacks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from edge.cli import main
+from edge.doctor import Device, check, fitting_profiles, inspect_device, parse_cpuinfo, parse_meminfo
+from edge.profile import Profile, load_profile
+
+
+def arm_cpuinfo(part: str, features: str, cores: int = 4, model: str = "") -> str:
+    core = (f"BogoMIPS\t: 108.00\nFeatures\t: {features}\nCPU implementer\t: 0x41\nCPU architecture: 8\n"
+            f"CPU variant\t: 0x0\nCPU part\t: {part}\nCPU revision\t: 3\n\n")
+    return "".join(f"processor\t: {i}\n{core}" for i in range(cores)) + f"Model\t\t: {model}\n"
+
+
+PI4 = arm_cpuinfo("0xd08", "fp asimd evtstrm crc32 cpuid", model="Raspberry Pi 4 Model B Rev 1.4")
+PI5 = arm_cpuinfo("0xd0b", "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm "
+                           "lrcpc dcpop asimddp", model="Raspberry Pi 5 Model B Rev 1.0")
+ZERO2 = arm_cpuinfo("0xd03", "fp asimd evtstrm crc32 cpuid", model="Raspberry Pi Zero 2 W Rev 1.0")
+PIXEL6 = arm_cpuinfo("0xd05", "fp asimd asimdhp asimddp", cores=4) + arm_cpuinfo("0xd41", "fp asimd asimdhp asimddp", 2)
+
+
+def device(cpuinfo: str, memory_mb: int, android: bool = False) -> Device:
+    cpu, features = parse_cpuinfo(cpuinfo)
+    return Device("aarch64", cpu, 4, features, memory_mb, memory_mb - 200, android,
+                  providers=["CPUExecutionProvider"])
+
+
+def test_parse_cpuinfo_names_arm_cores_and_features():
+    cpu, features = parse_cpuinfo(PI5)
+    assert cpu == "4x Cortex-A76" and "asimddp" in features
+    cpu, features = parse_cpuinfo(PI4)
+    assert cpu == "4x Cortex-A72" and "asimddp" not in features
+    assert parse_cpuinfo(PIXEL6)[0] == "4x Cortex-A55 + 2x Cortex-A78"
+    assert parse_meminfo("MemTotal:        3884136 kB\nMemFree: 1 kB\nMemAvailable:    3000000 kB\n") == (3793, 2929)
+
+
+@pytest.mark.parametrize("cpuinfo,memory,android,best", [
+    (PI4, 3792, False, "raspberry-pi-4"),
+    (PI5, 7940, False, "raspberry-pi-5"),
+    (ZERO2, 427, False, "raspberry-pi-zero-2w"),
+    (PIXEL6, 7600, True, "android-termux"),
+])
+def test_the_matching_profile_fits_best(cpuinfo, memory, android, best):
+    assert fitting_profiles(device(cpuinfo, memory, android))[0] == best
+
+
+def test_problems_of_a_profile_on_the_wrong_device():
+    pi4 = device(PI4, 3792)
+    problems = check(load_profile("raspberry-pi-5"), pi4)
+    assert any(fatal and "asimddp" in msg for fatal, msg in problems)
+    problems = check(Profile(accuracy_level=4, threads=8, providers=load_profile("android-termux").providers), pi4)
+    messages = " | ".join(msg for _, msg in problems)
+    assert "dot-product" in messages and "threads = 8 > 4 cores" in messages
+    assert "XnnpackExecutionProvider is not in this onnxruntime" in messages
+    assert not any(fatal for fatal, _ in problems)  # all of these still run, only worse
+
+
+def test_doctor_on_this_machine():
+    here = inspect_device()
+    assert here.cores >= 1 and here.memory_mb > 0 and "CPUExecutionProvider" in here.providers
+    result = CliRunner().invoke(main, ["doctor", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    if here.machine == "x86_64" and "avx2" in here.features:
+        assert report["fitting_profiles"] == ["x86-64-dev"] and report["problems"] == []
+    other = "raspberry-pi-5" if here.machine == "x86_64" else "x86-64-dev"
+    result = CliRunner().invoke(main, ["doctor", "--profile", other])
+    assert result.exit_code == 1 and "ERROR: made for" in result.output
