@@ -87,8 +87,13 @@ class Generator:
         return self._logits.numpy()[0, 0]
 
     def prefill(self, tokens: list[int]) -> np.ndarray:
-        ids = ort.OrtValue.ortvalue_from_numpy(np.array([tokens], np.int64))
-        return self._forward(ids, len(tokens))
+        """Logits after the prompt. Long prompts go in chunks (profile.prefill_chunk): the same logits, but
+        the attention and MLP buffers of the largest run, which onnxruntime's arena keeps, stay small."""
+        step = self.model.profile.prefill_chunk or len(tokens)
+        for start in range(0, len(tokens), step):
+            chunk = tokens[start:start + step]
+            logits = self._forward(ort.OrtValue.ortvalue_from_numpy(np.array([chunk], np.int64)), start + len(chunk))
+        return logits
 
     def decode_one_token(self, token: int, position: int) -> np.ndarray:
         """Logits after feeding `token` at `position` (0-based) on top of the cache."""

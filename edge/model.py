@@ -7,8 +7,11 @@ decoding writes one row in place and never copies the cache.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -92,15 +95,50 @@ class Model:
         so.enable_mem_pattern = p.memory_pattern
         so.graph_optimization_level = _LEVELS[p.graph_optimization]
         so.log_severity_level = 3
-        if p.optimized_model_cache:
-            so.optimized_model_filepath = p.optimized_model_cache
         path = self.folder / self.manifest.data["graph"]["file"]
         exported_level = self.manifest.data["quantization"]["accuracy_level"]
         graph = graph_for_level(path, exported_level, p.accuracy_level)
+        providers = choose_providers(p)
         try:
-            return ort.InferenceSession(str(graph), so, providers=choose_providers(p))
+            if p.optimized_model_cache and [name for name, _ in providers] == ["CPUExecutionProvider"]:
+                graph = self._prepacked_graph(graph, so, Path(p.optimized_model_cache).expanduser())
+                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # done already
+            return ort.InferenceSession(str(graph), so, providers=providers)
         except Exception as e:  # onnxruntime raises several exception types for a bad model
             raise ModelError(f"onnxruntime could not load {path}: {str(e).splitlines()[0]}") from e
+
+    def _prepacked_graph(self, graph: Path, so: ort.SessionOptions, cache: Path) -> Path:
+        """The optimized graph for this CPU, with the kernels' prepacked weights in its external data file.
+
+        Loading it maps the prepacked weights from disk instead of building a copy on the heap, so the
+        weights cost page cache (shared, reclaimable) rather than private memory. The prepacked layout
+        depends on the onnxruntime version, the accuracy level and the CPU, hence the folder's key.
+        """
+        cpu = hashlib.sha256((platform.machine() + Path("/proc/cpuinfo").read_text(errors="replace")
+                              if Path("/proc/cpuinfo").exists() else platform.machine()).encode())
+        key = hashlib.sha256(f"{self.manifest.data['model_hash']} {graph.name} {ort.__version__} "
+                             f"{cpu.hexdigest()} {so.graph_optimization_level}".encode()).hexdigest()[:16]
+        target = cache / key
+        if not (target / "model.onnx").exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache))
+            tmp.chmod(0o755)
+            build = ort.SessionOptions()
+            build.log_severity_level = 3
+            build.graph_optimization_level = so.graph_optimization_level
+            build.optimized_model_filepath = str(tmp / "model.onnx")
+            build.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                           "model.onnx.data")
+            build.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                           "1024")
+            build.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
+            ort.InferenceSession(str(graph), build, providers=["CPUExecutionProvider"])
+            try:
+                tmp.rename(target)
+            except OSError:  # another process made it first
+                shutil.rmtree(tmp, ignore_errors=True)
+            log.info("wrote the optimized graph with prepacked weights to %s", target)
+        return target / "model.onnx"
 
     def _init_kv(self) -> None:
         shape = list(self.manifest.kv_shape)

@@ -49,9 +49,12 @@ class Profile:
     arena: bool = True
     memory_pattern: bool = True
     graph_optimization: str = "all"  # disable | basic | extended | all
-    optimized_model_cache: str = ""  # file to save/load the optimized graph
+    # Folder for this device's optimized graph with its prepacked weights in a memory-mapped file (the first
+    # load writes it): without it the kernels' prepacked copy of the weights lives on the heap.
+    optimized_model_cache: str = ""
     accuracy_level: int | None = None  # MatMulNBits: None = as exported, 0/1 fp32 compute, 4 int8
     context_length: int = 2048
+    prefill_chunk: int = 128  # feed long prompts in chunks (0: at once): caps peak memory, and no slower
     memory_cap_mb: int = 0  # informative: `nomoat doctor` warns when the model will not fit
     queue_size: int = 8
     max_prompt_chars: int = 16000
@@ -107,8 +110,9 @@ def profile_from_dict(data: dict, where: str = "profile") -> Profile:
             setattr(p, key, _typed(value, getattr(Profile(), key), key, where))
     if p.graph_optimization not in _GRAPH_LEVELS:
         raise ProfileError(f"{where}: graph_optimization must be one of {_GRAPH_LEVELS}")
-    if p.threads < 0 or p.context_length < 16 or p.queue_size < 1:
-        raise ProfileError(f"{where}: threads >= 0, context_length >= 16 and queue_size >= 1 are required")
+    if p.threads < 0 or p.context_length < 16 or p.queue_size < 1 or p.prefill_chunk < 0:
+        raise ProfileError(f"{where}: threads >= 0, context_length >= 16, queue_size >= 1 and "
+                           "prefill_chunk >= 0 are required")
     return p
 
 

@@ -47,6 +47,26 @@ def test_kv_cache_equals_full_recompute(int4):
     assert len(cached) == 32 or gen.manifest.eos_token_ids
 
 
+def test_chunked_prefill_equals_one_pass(int4):
+    from edge.profile import Profile
+
+    ids = list(range(10, 60))
+    whole = Generator(int4, Profile(prefill_chunk=0)).prefill(ids).copy()
+    for chunk in (1, 16, 49):
+        np.testing.assert_allclose(Generator(int4, Profile(prefill_chunk=chunk)).prefill(ids), whole, atol=1e-4)
+
+
+def test_prepacked_cache_gives_the_same_tokens(int4, tmp_path):
+    from edge.profile import Profile
+
+    base = Generator(int4).generate("The capital", max_tokens=16).tokens
+    for _ in range(2):  # the first load writes the cache, the second maps it
+        gen = Generator(int4, Profile(optimized_model_cache=str(tmp_path / "cache")))
+        assert gen.generate("The capital", max_tokens=16).tokens == base
+    (written,) = (tmp_path / "cache").iterdir()
+    assert {f.name for f in written.iterdir()} == {"model.onnx", "model.onnx.data"}
+
+
 def test_seed_reproducible_and_different_seeds_differ(int4):
     gen = Generator(int4)
     p = SamplingParams(temperature=1.0, top_k=50, top_p=0.95, min_p=0.01, repetition_penalty=1.1, seed=7)
