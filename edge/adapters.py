@@ -31,11 +31,12 @@ class Adapter:
     tensors: dict[str, np.ndarray]
 
 
-def write_adapter(path: Path, tensors: dict[str, np.ndarray], meta: dict) -> None:
+def write_adapter(path: Path, tensors: dict[str, np.ndarray], meta: dict, dtype: str = "float32") -> None:
+    """float16 halves the file (and the fleet push); the runtime widens it to float32 on load."""
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(int(meta.get("version", 1)))
     fmt.set_model_version(1)
-    params = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v, np.float32)) for k, v in tensors.items()}
+    params = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v, dtype)) for k, v in tensors.items()}
     params[META] = ort.OrtValue.ortvalue_from_numpy(np.frombuffer(json.dumps(meta).encode(), np.uint8).copy())
     fmt.set_parameters(params)
     fmt.export_adapter(str(path))
@@ -49,6 +50,7 @@ def read_adapter(path: str | Path, manifest: Manifest, name: str | None = None) 
     try:
         params = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
         tensors = {k: np.array(v.numpy(), copy=True) for k, v in params.items()}  # own the memory
+        tensors = {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in tensors.items()}
     except Exception as e:
         raise AdapterError(f"unreadable adapter {path.name}: {str(e).splitlines()[0]}") from e
     if META not in tensors:

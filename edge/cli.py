@@ -90,7 +90,9 @@ def adapter() -> None:
 @click.option("-o", "--output", required=True, type=click.Path())
 @click.option("--name", default=None, help="Adapter name (default: the folder name).")
 @click.option("--version", "version", type=int, default=1, show_default=True)
-def adapter_pack(peft_dir, model_dir, output, name, version):
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="float16 halves the file and the push; the runtime widens it to float32.")
+def adapter_pack(peft_dir, model_dir, output, name, version, dtype):
     """Pack a PEFT adapter into a .onnx_adapter file for MODEL's LoRA slots."""
     from export.packing import pack_adapter
     from export.sources import ExportError
@@ -99,10 +101,10 @@ def adapter_pack(peft_dir, model_dir, output, name, version):
     from .manifest import ModelError
 
     try:
-        info = pack_adapter(Path(peft_dir), Path(model_dir), Path(output), name=name, version=version)
+        info = pack_adapter(Path(peft_dir), Path(model_dir), Path(output), name=name, version=version, dtype=dtype)
     except (ExportError, AdapterError, ModelError) as e:
         _fail(e)
-    click.echo(f"wrote {output}: {info['name']} v{info['version']}, rank {info['rank']}, "
+    click.echo(f"wrote {output}: {info['name']} v{info['version']}, rank {info['rank']}, {dtype}, "
                f"{info['bytes'] / 1e6:.2f} MB, {len(info['slots'])} slots")
 
 
@@ -355,13 +357,17 @@ def _fleet_settings(broker, fleet_name):
 @click.option("--scale", type=float, default=1.0)
 @click.option("--chunk-size", type=int, default=128 * 1024, show_default=True)
 @click.option("--expires-in", type=float, default=None, help="Seconds until devices refuse the manifest.")
-def fleet_push(adapter_file, name, fleet_name, broker, key, version, activate, scale, chunk_size, expires_in):
+@click.option("--wait-for", type=int, default=0, metavar="N",
+              help="Wait until N devices report installed (activated with --activate) or rejected; print times.")
+@click.option("--timeout", type=float, default=300.0, show_default=True, help="For --wait-for, in seconds.")
+def fleet_push(adapter_file, name, fleet_name, broker, key, version, activate, scale, chunk_size, expires_in,
+               wait_for, timeout):
     """Publish a signed manifest and the adapter in retained chunks."""
     import time
 
     import onnxruntime as ort
 
-    from .client import publish_all
+    from .client import publish_all, push_and_watch
     from .fleet import build_push, load_key
 
     params = ort.AdapterFormat.read_adapter(adapter_file).get_parameters()
@@ -374,8 +380,21 @@ def fleet_push(adapter_file, name, fleet_name, broker, key, version, activate, s
     base = f"nomoat/{fleet_name}/adapters/{name}"
     messages = [(f"{base}/{version}/{i}", c) for i, c in enumerate(chunks)]
     messages.append((base, json.dumps(manifest).encode()))  # manifest last: chunks are there when it lands
-    publish_all(_fleet_settings(broker, fleet_name), messages)
-    click.echo(f"pushed {name} v{version}: {manifest['size']} bytes in {len(chunks)} chunks to fleet {fleet_name}")
+    wire = sum(len(topic) + len(payload) for topic, payload in messages)
+    if not wait_for:
+        publish_all(_fleet_settings(broker, fleet_name), messages)
+        click.echo(f"pushed {name} v{version}: {manifest['size']} bytes in {len(chunks)} chunks "
+                   f"({wire} bytes of topics and payloads) to fleet {fleet_name}")
+        return
+    until = "activated" if activate else "installed"
+    events = push_and_watch(_fleet_settings(broker, fleet_name), messages, name, version, wait_for, until, timeout)
+    click.echo(f"pushed {name} v{version}: {manifest['size']} bytes in {len(chunks)} chunks "
+               f"({wire} bytes of topics and payloads) to fleet {fleet_name}")
+    for e in events:
+        click.echo(f"  {e['device']:16s} {e['event']:10s} after {e['seconds']:.2f} s {e.get('reason', '')}")
+    if len(events) < wait_for or any(e["event"] == "rejected" for e in events):
+        click.echo(f"{sum(e['event'] == until for e in events)} of {wait_for} devices {until}", err=True)
+        sys.exit(1)
 
 
 @fleet.command("status")

@@ -74,6 +74,51 @@ def publish_all(settings: MqttSettings, messages: list[tuple[str, bytes]], retai
         client.loop_stop()
 
 
+def push_and_watch(settings: MqttSettings, messages: list[tuple[str, bytes]], name: str, version: int,
+                   devices: int, until: str = "installed", timeout: float = 300.0) -> list[dict]:
+    """Publish a push, then wait until `devices` devices have reported `until` (or rejected) for it.
+
+    Returns those events with `seconds`: the time from the first publish to the event's arrival.
+    """
+    import time
+
+    client = make_client(settings, f"nomoat-op-{uuid.uuid4().hex[:8]}", persistent=False)
+    inbox: queue.Queue = queue.Queue()
+    client.on_connect = lambda c, u, f, r, p: c.subscribe(f"{settings.prefix}/{settings.fleet}/+/events", qos=1)
+    client.on_subscribe = lambda c, u, mid, reasons, p: inbox.put("subscribed")
+
+    def on_message(c, u, msg):
+        try:
+            inbox.put(json.loads(msg.payload))
+        except ValueError:
+            pass
+
+    client.on_message = on_message
+    connect(client, settings)
+    client.loop_start()
+    results: dict[str, dict] = {}
+    try:
+        if inbox.get(timeout=30) != "subscribed":
+            raise ConnectionError("could not subscribe to the fleet's events")
+        start = time.perf_counter()
+        infos = [client.publish(topic, payload, qos=1, retain=True) for topic, payload in messages]
+        for info in infos:
+            info.wait_for_publish(timeout)
+        while len(results) < devices:
+            left = start + timeout - time.perf_counter()
+            try:
+                event = inbox.get(timeout=max(left, 0.01))
+            except queue.Empty:
+                break
+            if (isinstance(event, dict) and event.get("name") == name and event.get("version") == version
+                    and event.get("event") in (until, "rejected")):
+                results[event.get("device", "?")] = {**event, "seconds": round(time.perf_counter() - start, 3)}
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return sorted(results.values(), key=lambda e: e["seconds"])
+
+
 def collect_retained(settings: MqttSettings, topic: str, seconds: float = 2.0) -> dict[str, dict]:
     """Retained JSON messages under a topic filter, by topic."""
     client = make_client(settings, f"nomoat-op-{uuid.uuid4().hex[:8]}", persistent=False)

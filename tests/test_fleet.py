@@ -238,3 +238,25 @@ def test_rollback_and_remove(broker, slots, adapter_file, key, tmp_path):
     finally:
         d.stop()
         ev.close()
+
+
+def test_cli_push_waits_for_the_fleet(broker, slots, adapter_file, key, tmp_path):
+    from click.testing import CliRunner
+
+    from edge.cli import main
+
+    key_path, pub = key
+    devices = [start_device(broker, slots, n, tmp_path / n, pub) for n in ("d1", "d2")]
+    try:
+        args = ["fleet", "push", str(adapter_file), "--name", "a1", "--fleet", "f", "--broker", broker.url,
+                "--key", str(key_path), "--activate", "--chunk-size", "2048", "--wait-for", "2", "--timeout", "30"]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        lines = [line.split() for line in result.output.splitlines()[1:]]
+        assert sorted(line[0] for line in lines) == ["d1", "d2"] and {line[1] for line in lines} == {"activated"}
+        # a third device that does not exist: the command waits, then says so and fails
+        result = CliRunner().invoke(main, [*args[:-4], "--version", "2", "--wait-for", "3", "--timeout", "3"])
+        assert result.exit_code == 1 and "2 of 3 devices activated" in result.output
+    finally:
+        for d in devices:
+            d.stop()

@@ -142,6 +142,20 @@ def test_two_stacked_adapters_equal_merged_export(slots, packed, adapters, expor
     np.testing.assert_allclose(stacked, runtime_logits(Generator(merged), ids), atol=1e-4, rtol=1e-4)
 
 
+def test_float16_adapter_is_half_the_size_and_close(slots, packed, adapters, tmp_path):
+    half = tmp_path / "a1-fp16.onnx_adapter"
+    pack_adapter(adapters[0], slots, half, dtype="float16")
+    assert half.stat().st_size < 0.6 * packed[0].stat().st_size
+    gen = Generator(slots)
+    gen.load_adapter(packed[0], "full")
+    gen.load_adapter(half, "half")
+    ids = gen.encode("The capital of France")
+    gen.select_adapters((("full", 1.0),))
+    full_logits = gen.prefill(ids).copy()
+    gen.select_adapters((("half", 1.0),))
+    np.testing.assert_allclose(gen.prefill(ids), full_logits, atol=2e-2)
+
+
 def test_adapter_switch_is_cheap(slots, packed):
     import time
 
