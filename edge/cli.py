@@ -52,29 +52,28 @@ def main(verbose: bool) -> None:
               help="MatMulNBits compute: 0/1 fp32, 4 int8 activations (the runtime profile may override).")
 @click.option("--lm-head", type=click.Choice(["auto", "int4", "int8", "fp32"]), default="auto", show_default=True,
               help="auto: the GGUF's own blocks, else int8.")
+@click.option("--quant-method", type=click.Choice(["rtn", "rtn-asym", "k_quant", "hqq"]), default="rtn",
+              show_default=True, help="For float weights (GGUF blocks are imported as they are); see the README.")
 @click.option("--max-length", type=int, default=4096, show_default=True, help="Longest context the graph supports.")
 @click.option("--verify/--no-verify", default=None, help="Compare with the transformers reference (default: on).")
 @click.option("--min-agreement", type=float, default=None, help="Fail verification below this top-1 agreement.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 def export_cmd(source, output, loras, lora_slots, lora_targets, precision, block_size, accuracy_level, lm_head,
-               max_length, verify, min_agreement, force):
+               quant_method, max_length, verify, min_agreement, force):
     """Export SOURCE (a Hugging Face folder or a llama .gguf) to an int4 ONNX model folder."""
     try:
-        from export import verify as verify_mod
         from export.builder import BuildOptions
         from export.lora import parse_lora_arg
         from export.pipeline import export_model
         from export.sources import ExportError
     except ImportError as e:
         _fail(RuntimeError(f"export needs the host extras: pip install 'nomoat[export]' ({e})"))
-    if min_agreement is not None:
-        verify_mod.DEFAULT_MIN_AGREEMENT = min_agreement
     opts = BuildOptions(precision=precision, block_size=block_size, accuracy_level=accuracy_level, lm_head=lm_head,
-                        max_length=max_length, lora_rank=lora_slots,
+                        quant_method=quant_method, max_length=max_length, lora_rank=lora_slots,
                         lora_targets=tuple(t.strip() for t in lora_targets.split(",") if t.strip()))
     try:
         export_model(source, output, opts, [parse_lora_arg(a) for a in loras], verify=verify, force=force,
-                     log=click.echo)
+                     log=click.echo, min_agreement=min_agreement)
     except ExportError as e:
         _fail(e)
 

@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .quantize import quantize_weight
+from .quantize import pack_zero_points, quantize_weight
 from .sources import Checkpoint, ExportError, LlamaConfig, QuantBlocks
 
 OPSET = 21
@@ -40,6 +40,7 @@ class BuildOptions:
     block_size: int = 32
     accuracy_level: int = 4
     lm_head: str = "auto"  # auto | int4 | int8 | fp32
+    quant_method: str = "rtn"  # for float weights: rtn | rtn-asym | k_quant | hqq (see quantize.py)
     max_length: int = 2048  # rotary table and KV buffer limit
     lora_rank: int = 0  # 0: no LoRA slots
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -125,7 +126,9 @@ class LlamaBuilder:
         wf = w.dequantize() if isinstance(w, QuantBlocks) else w
         if delta is not None:
             wf = wf + delta
-        return quantize_weight(wf, bits, self.opts.block_size)
+        # the embedding rows are dequantized in the graph with the symmetric zero point: keep them symmetric
+        method = "rtn" if name in ("model.embed_tokens.weight", "lm_head.weight") else self.opts.quant_method
+        return quantize_weight(wf, bits, self.opts.block_size, method)
 
     # ---- blocks --------------------------------------------------------------------------
     def linear_group(self, x: str, prefix: str, names: list[str], layer: int) -> list[str]:
@@ -136,7 +139,7 @@ class LlamaBuilder:
         sizes = [w.shape[0] for w in ws]
         fusable = all(isinstance(w, np.ndarray) for w in ws) or (
             all(isinstance(w, QuantBlocks) for w in ws)
-            and len({(w.bits, w.block_size, w.mins is None) for w in ws}) == 1)
+            and len({(w.bits, w.block_size, w.mins is None, w.zero_points is None) for w in ws}) == 1)
         if len(ws) > 1 and fusable:
             fused = _concat_weights(ws)
             y = self.matmul(x, fused, f"{prefix}.{'_'.join(n.split('_')[0] for n in names)}")
@@ -155,7 +158,10 @@ class LlamaBuilder:
             qweight, scales = f"{shared}.qweight", f"{shared}.scales"
         else:
             qweight, scales = g.init(f"{name}.qweight", w.packed), g.init(f"{name}.scales", w.scales)
-        y = g.op1("MatMulNBits", [x, qweight, scales],
+        inputs = [x, qweight, scales]
+        if w.zero_points is not None:
+            inputs.append(g.init(f"{name}.zero_points", pack_zero_points(w.zero_points)))
+        y = g.op1("MatMulNBits", inputs,
                   name=name, domain="com.microsoft", K=k, N=n, bits=w.bits, block_size=w.block_size,
                   accuracy_level=self.opts.accuracy_level)
         if w.mins is None:
@@ -290,7 +296,7 @@ def _concat_weights(ws: list) -> np.ndarray | QuantBlocks:
         return np.concatenate(ws, axis=0)
     w0 = ws[0]
     cat = lambda attr: None if getattr(w0, attr) is None else np.concatenate([getattr(w, attr) for w in ws])  # noqa: E731
-    return QuantBlocks(w0.bits, w0.block_size, cat("packed"), cat("scales"), None, cat("mins"), w0.kind)
+    return QuantBlocks(w0.bits, w0.block_size, cat("packed"), cat("scales"), cat("zero_points"), cat("mins"), w0.kind)
 
 
 def rotary_tables(c: LlamaConfig, max_length: int) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,8 @@ from .sources import ExportError, open_checkpoint
 
 
 def export_model(source: str | Path, out: str | Path, opts: BuildOptions, loras: list[tuple[Path, float]] = (),
-                 verify: bool | None = None, force: bool = False, log=print) -> Path:
+                 verify: bool | None = None, force: bool = False, log=print,
+                 min_agreement: float | None = None) -> Path:
     out = Path(out)
     if out.exists() and not force:
         raise ExportError(f"output {out} exists (use --force to replace it)")
@@ -56,9 +57,10 @@ def export_model(source: str | Path, out: str | Path, opts: BuildOptions, loras:
         if verify is None:
             verify = _has_torch()
         if verify:
-            from .verify import verify_export
+            from .verify import DEFAULT_MIN_AGREEMENT, verify_export
 
-            verify_export(tmp, source, loras, log=log)
+            verify_export(tmp, source, loras, log=log,
+                          min_agreement=DEFAULT_MIN_AGREEMENT if min_agreement is None else min_agreement)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -106,7 +108,8 @@ def write_manifest(folder: Path, ckpt, opts: BuildOptions, builder: LlamaBuilder
         "quantization": {
             "precision": opts.precision,
             "block_size": opts.block_size,
-            "symmetric": True,
+            "method": opts.quant_method,
+            "symmetric": opts.quant_method == "rtn",
             "accuracy_level": opts.accuracy_level,
             "lm_head": opts.lm_head,
             "weights": dict(Counter(builder.weight_kinds.values())),

@@ -53,7 +53,7 @@ class QuantBlocks:
     block_size: int
     packed: np.ndarray  # uint8 [N, K/block, block*bits/8]
     scales: np.ndarray  # float32 [N, K/block]
-    zero_points: np.ndarray | None = None  # uint8, MatMulNBits packing
+    zero_points: np.ndarray | None = None  # uint8 [N, K/block], one per block, unpacked
     mins: np.ndarray | None = None  # float32 [N, K/block]
     kind: str = ""  # where it came from, e.g. "gguf:Q4_1" or "rtn"
 
@@ -71,9 +71,7 @@ class QuantBlocks:
         q = unpack_nibbles(self.packed) if self.bits == 4 else self.packed
         n, nb, _ = self.packed.shape
         q = q.reshape(n, nb, self.block_size).astype(np.float32)
-        if self.zero_points is not None:
-            raise NotImplementedError("asymmetric blocks are not produced by nomoat")
-        zp = 2 ** (self.bits - 1)
+        zp = 2 ** (self.bits - 1) if self.zero_points is None else self.zero_points[:, :, None].astype(np.float32)
         w = (q - zp) * self.scales[:, :, None]
         if self.mins is not None:
             w += self.mins[:, :, None]

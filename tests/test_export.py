@@ -46,6 +46,52 @@ def test_int4_export_is_close(which, request, exported):
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 0.4  # unrelated logits give ~1.4
 
 
+@pytest.mark.parametrize("method", ["rtn", "rtn-asym", "k_quant", "hqq"])
+def test_quant_methods_run_as_their_dequantized_weights(method):
+    """The blocks (and zero points) each method writes mean in MatMulNBits what `dequantize` says."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.quantize import pack_zero_points, quantize_weight
+
+    rng = np.random.default_rng(0)
+    n, k = 48, 96  # three blocks per row: zero points need padding to whole bytes
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    blocks = quantize_weight(w, 4, 32, method)
+    assert np.abs(blocks.dequantize() - w).max() < 0.25 * np.abs(w).max()
+    inits = [numpy_helper.from_array(blocks.packed, "B"), numpy_helper.from_array(blocks.scales, "S")]
+    if blocks.zero_points is not None:
+        inits.append(numpy_helper.from_array(pack_zero_points(blocks.zero_points), "Z"))
+    node = helper.make_node("MatMulNBits", ["X", *[t.name for t in inits]], ["Y"], domain="com.microsoft",
+                            K=k, N=n, bits=4, block_size=32, accuracy_level=0)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"X": x})[0]
+    np.testing.assert_allclose(y, x @ blocks.dequantize().T, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["rtn-asym", "k_quant", "hqq"])
+def test_int4_export_with_other_quant_methods_is_close(method, tiny, exported):
+    folder = exported(f"int4-{method}", quant_method=method)
+    assert json.loads((folder / "nomoat.json").read_text())["quantization"]["method"] == method
+    ref, out = reference_logits(load_reference(tiny), IDS), logits_of(folder)
+    agree, kl, _ = compare(ref, out)
+    assert agree >= 0.5 and kl < 0.05, (agree, kl)
+
+
+def test_cli_min_agreement_is_enforced(tiny, tmp_path):
+    from click.testing import CliRunner
+
+    from edge.cli import main
+
+    args = ["export", str(tiny), "-o", str(tmp_path / "m"), "--max-length", "64", "--verify"]
+    result = CliRunner().invoke(main, [*args, "--min-agreement", "1.01"])  # no int4 export reaches 101 %
+    assert result.exit_code == 1 and "see --min-agreement" in result.output and not (tmp_path / "m").exists()
+    assert CliRunner().invoke(main, [*args, "--min-agreement", "0"]).exit_code == 0
+
+
 def test_manifest_records_files_and_layout(exported):
     folder = exported("slots", lora_rank=8, precision="fp32")
     m = json.loads((folder / "nomoat.json").read_text())
