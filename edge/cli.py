@@ -55,11 +55,13 @@ def main(verbose: bool) -> None:
 @click.option("--quant-method", type=click.Choice(["rtn", "rtn-asym", "k_quant", "hqq"]), default="rtn",
               show_default=True, help="For float weights (GGUF blocks are imported as they are); see the README.")
 @click.option("--max-length", type=int, default=4096, show_default=True, help="Longest context the graph supports.")
+@click.option("--kv-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="float16 halves the KV cache (slower attention on CPUs without fp16 arithmetic).")
 @click.option("--verify/--no-verify", default=None, help="Compare with the transformers reference (default: on).")
 @click.option("--min-agreement", type=float, default=None, help="Fail verification below this top-1 agreement.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 def export_cmd(source, output, loras, lora_slots, lora_targets, precision, block_size, accuracy_level, lm_head,
-               quant_method, max_length, verify, min_agreement, force):
+               quant_method, max_length, kv_dtype, verify, min_agreement, force):
     """Export SOURCE (a Hugging Face folder or a llama .gguf) to an int4 ONNX model folder."""
     try:
         from export.builder import BuildOptions
@@ -69,7 +71,7 @@ def export_cmd(source, output, loras, lora_slots, lora_targets, precision, block
     except ImportError as e:
         _fail(RuntimeError(f"export needs the host extras: pip install 'nomoat[export]' ({e})"))
     opts = BuildOptions(precision=precision, block_size=block_size, accuracy_level=accuracy_level, lm_head=lm_head,
-                        quant_method=quant_method, max_length=max_length, lora_rank=lora_slots,
+                        quant_method=quant_method, max_length=max_length, kv_dtype=kv_dtype, lora_rank=lora_slots,
                         lora_targets=tuple(t.strip() for t in lora_targets.split(",") if t.strip()))
     try:
         export_model(source, output, opts, [parse_lora_arg(a) for a in loras], verify=verify, force=force,

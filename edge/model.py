@@ -143,11 +143,12 @@ class Model:
     def _init_kv(self) -> None:
         shape = list(self.manifest.kv_shape)
         shape[2] = self.max_length
+        dtype = np.float16 if self.manifest.data["kv_cache"]["dtype"] == "float16" else np.float32
         self.kv_names = []
         self.kv = []
         for i in range(self.manifest.num_layers):
             for part in ("key", "value"):
-                buf = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cpu", 0)
+                buf = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cpu", 0)
                 self.kv.append(buf)
                 self.kv_names.append((f"past_key_values.{i}.{part}", f"present.{i}.{part}"))
 

@@ -41,6 +41,7 @@ class BuildOptions:
     accuracy_level: int = 4
     lm_head: str = "auto"  # auto | int4 | int8 | fp32
     quant_method: str = "rtn"  # for float weights: rtn | rtn-asym | k_quant | hqq (see quantize.py)
+    kv_dtype: str = "float32"  # float16 halves the KV cache; attention then runs in half precision
     max_length: int = 2048  # rotary table and KV buffer limit
     lora_rank: int = 0  # 0: no LoRA slots
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -208,16 +209,21 @@ class LlamaBuilder:
         c, g = self.cfg, self.g
         p = f"model.layers.{i}.self_attn"
         q, k, v = self.linear_group(x, p, ["q_proj", "k_proj", "v_proj"], i)
+        kv_type = TensorProto.FLOAT16 if self.opts.kv_dtype == "float16" else TensorProto.FLOAT
+        if kv_type == TensorProto.FLOAT16:  # GroupQueryAttention takes q/k/v in the cache's type
+            q, k, v = (g.op1("Cast", [t], to=kv_type) for t in (q, k, v))
         shape = [1, c.num_kv_heads, "kv_length", c.head_dim]  # the runtime sizes it (<= max_length)
         past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
         for name in past:
-            g.inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+            g.inputs.append(helper.make_tensor_value_info(name, kv_type, shape))
         present = [f"present.{i}.key", f"present.{i}.value"]
         attn = g.op("GroupQueryAttention", [q, k, v, *past, "seqlens_k", "total_sequence_length",
                                             "cos_cache", "sin_cache"], name=f"{p}.gqa", outs=[f"{p}.gqa/out0", *present],
                             domain="com.microsoft", num_heads=c.num_heads, kv_num_heads=c.num_kv_heads,
                     do_rotary=1, rotary_interleaved=0, scale=float(c.head_dim ** -0.5))[0]
-        g.outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in present]
+        g.outputs += [helper.make_tensor_value_info(n, kv_type, shape) for n in present]
+        if kv_type == TensorProto.FLOAT16:
+            attn = g.op1("Cast", [attn], to=TensorProto.FLOAT)
         return self.linear_group(attn, p, ["o_proj"], i)[0]
 
     def mlp(self, x: str, i: int) -> str:
@@ -243,6 +249,8 @@ class LlamaBuilder:
                      helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
                      helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
         cos, sin = rotary_tables(c, self.opts.max_length)
+        if self.opts.kv_dtype == "float16":
+            cos, sin = cos.astype(np.float16), sin.astype(np.float16)
         g.init("cos_cache", cos)
         g.init("sin_cache", sin)
 

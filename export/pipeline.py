@@ -32,6 +32,8 @@ def export_model(source: str | Path, out: str | Path, opts: BuildOptions, loras:
     out = Path(out)
     if out.exists() and not force:
         raise ExportError(f"output {out} exists (use --force to replace it)")
+    if opts.kv_dtype not in ("float32", "float16"):
+        raise ExportError(f"--kv-dtype must be float32 or float16, not {opts.kv_dtype!r}")
     for t in opts.lora_targets:
         if t not in TARGETS:
             raise ExportError(f"unknown LoRA target {t!r}; choose from {','.join(TARGETS)}")
@@ -92,7 +94,7 @@ def write_manifest(folder: Path, ckpt, opts: BuildOptions, builder: LlamaBuilder
         },
         "kv_cache": {
             "layout": "BNSH",
-            "dtype": "float32",
+            "dtype": opts.kv_dtype,
             "shape": [1, c.num_kv_heads, opts.max_length, c.head_dim],
             "max_length": opts.max_length,
             "past": "past_key_values.{layer}.{key|value}",

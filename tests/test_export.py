@@ -81,6 +81,16 @@ def test_int4_export_with_other_quant_methods_is_close(method, tiny, exported):
     assert agree >= 0.5 and kl < 0.05, (agree, kl)
 
 
+def test_float16_kv_cache_halves_it_and_stays_close(exported):
+    full, half = exported("fp32-base", precision="fp32"), exported("fp32-kv16", precision="fp32", kv_dtype="float16")
+    gen = Generator(half)
+    assert {buf.data_type() for buf in gen.model.kv} == {"tensor(float16)"}
+    assert json.loads((half / "nomoat.json").read_text())["kv_cache"]["dtype"] == "float16"
+    np.testing.assert_allclose(logits_of(half), logits_of(full), atol=2e-2)
+    assert gen.generate("The capital", max_tokens=16).tokens == Generator(full).generate("The capital",
+                                                                                          max_tokens=16).tokens
+
+
 def test_cli_min_agreement_is_enforced(tiny, tmp_path):
     from click.testing import CliRunner
 
