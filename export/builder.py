@@ -256,7 +256,9 @@ class LlamaBuilder:
 
         self.embed_name = "model.embed_tokens"
         head_bits = self.lm_head_bits()
-        self.embed = self.weight("model.embed_tokens.weight", head_bits)
+        # untied GGUF embeddings keep their own blocks; tied ones (and float ones) follow the lm_head
+        own = not c.tie_word_embeddings and isinstance(self.ckpt.tensor("model.embed_tokens.weight"), QuantBlocks)
+        self.embed = self.weight("model.embed_tokens.weight", None if own and head_bits else head_bits)
         self.weight_kinds["model.embed_tokens"] = getattr(self.embed, "kind", "fp32")
         if isinstance(self.embed, np.ndarray):
             g.init(self.embed_name, self.embed)

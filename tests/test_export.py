@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -181,6 +182,27 @@ def test_cli_export_reports_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "edge.cli", "export", str(tmp_path / "missing"), "-o",
                         str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode == 1 and "error: source not found" in r.stderr
+
+
+@pytest.mark.slow
+def test_q4_0_gguf_blocks_are_imported_exactly(smollm2_gguf, tmp_path):
+    """A small random Q4_0 GGUF (untied Q8_0 output): every block kept as it is, and the int4 graph
+    computes what the fp32 graph of the same dequantized weights computes."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    from random_llama_gguf import write_random_llama
+
+    from export.builder import BuildOptions
+    from export.pipeline import export_model
+
+    gguf = tmp_path / "r.gguf"
+    write_random_llama(str(gguf), str(smollm2_gguf), hidden=128, ffn=256, layers=2, heads=4, kv_heads=2)
+    int4 = export_model(gguf, tmp_path / "int4", BuildOptions(max_length=64, accuracy_level=1), verify=False,
+                        log=lambda *_: None)
+    fp32 = export_model(gguf, tmp_path / "fp32", BuildOptions(max_length=64, precision="fp32"), verify=False,
+                        log=lambda *_: None)
+    kinds = json.loads((int4 / "nomoat.json").read_text())["quantization"]["weights"]
+    assert kinds == {"gguf:Q4_0": 2 * 7 + 1, "gguf:Q8_0": 1}  # layers + embedding, output
+    np.testing.assert_allclose(logits_of(int4), logits_of(fp32), atol=1e-3)
 
 
 @pytest.mark.slow
