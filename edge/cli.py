@@ -52,6 +52,8 @@ def main(verbose: bool) -> None:
               help="MatMulNBits compute: 0/1 fp32, 4 int8 activations (the runtime profile may override).")
 @click.option("--lm-head", type=click.Choice(["auto", "int4", "int8", "fp32"]), default="auto", show_default=True,
               help="auto: the GGUF's own blocks, else int8.")
+@click.option("--via", type=click.Choice(["builder", "optimum"]), default="builder", show_default=True,
+              help="builder: nomoat's LLaMA graph (fast, GGUF blocks, LoRA slots); optimum: cross-check path.")
 @click.option("--quant-method", type=click.Choice(["rtn", "rtn-asym", "k_quant", "hqq"]), default="rtn",
               show_default=True, help="For float weights (GGUF blocks are imported as they are); see the README.")
 @click.option("--max-length", type=int, default=4096, show_default=True, help="Longest context the graph supports.")
@@ -61,7 +63,7 @@ def main(verbose: bool) -> None:
 @click.option("--min-agreement", type=float, default=None, help="Fail verification below this top-1 agreement.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 def export_cmd(source, output, loras, lora_slots, lora_targets, precision, block_size, accuracy_level, lm_head,
-               quant_method, max_length, kv_dtype, verify, min_agreement, force):
+               via, quant_method, max_length, kv_dtype, verify, min_agreement, force):
     """Export SOURCE (a Hugging Face folder or a llama .gguf) to an int4 ONNX model folder."""
     try:
         from export.builder import BuildOptions
@@ -75,7 +77,7 @@ def export_cmd(source, output, loras, lora_slots, lora_targets, precision, block
                         lora_targets=tuple(t.strip() for t in lora_targets.split(",") if t.strip()))
     try:
         export_model(source, output, opts, [parse_lora_arg(a) for a in loras], verify=verify, force=force,
-                     log=click.echo, min_agreement=min_agreement)
+                     log=click.echo, min_agreement=min_agreement, via=via)
     except ExportError as e:
         _fail(e)
 

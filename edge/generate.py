@@ -47,7 +47,11 @@ class Generator:
         self.tokenizer = Tokenizer(self.model.folder, self.manifest)
         self.adapters = AdapterSet(self.manifest)
         self.vocab = self.manifest.config["vocab_size"]
+        self._one_token = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1), np.int64))
+        self._past: dict[str, np.ndarray] = {}  # optimum's graphs only
         self._binding = self.model.session.io_binding()
+        if not self.manifest.shared_kv:
+            return
         for buf, (past, present) in zip(self.model.kv, self.model.kv_names, strict=True):
             self._binding.bind_ortvalue_input(past, buf)
             self._binding.bind_ortvalue_output(present, buf)
@@ -55,7 +59,6 @@ class Generator:
         self._binding.bind_ortvalue_output("logits", self._logits)
         self._seqlens = ort.OrtValue.ortvalue_from_numpy(np.zeros(1, np.int32))
         self._total = ort.OrtValue.ortvalue_from_numpy(np.array(0, np.int32))
-        self._one_token = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1), np.int64))
         self._binding.bind_ortvalue_input("seqlens_k", self._seqlens)
         self._binding.bind_ortvalue_input("total_sequence_length", self._total)
         self.select_adapters(())
@@ -80,11 +83,29 @@ class Generator:
 
     # ---- the model calls -------------------------------------------------------------------
     def _forward(self, ids: ort.OrtValue, total: int) -> np.ndarray:
+        if not self.manifest.shared_kv:
+            return self._forward_concat(ids.numpy(), total)
         self._seqlens.update_inplace(np.array([total - 1], np.int32))
         self._total.update_inplace(np.array(total, np.int32))
         self._binding.bind_ortvalue_input("input_ids", ids)
         self.model.session.run_with_iobinding(self._binding)
         return self._logits.numpy()[0, 0]
+
+    def _forward_concat(self, ids: np.ndarray, total: int) -> np.ndarray:
+        """optimum's graphs (`export --via optimum`): attention mask and positions as inputs, the cache
+        returned as past + new, logits for every position. A plain loop, kept for cross-checking."""
+        new = ids.shape[1]
+        if total == new:  # a new sequence
+            _, heads, _, dim = self.manifest.kv_shape
+            empty = np.zeros((1, heads, 0, dim), np.float32)
+            self._past = {f"past_key_values.{i}.{part}": empty
+                          for i in range(self.manifest.num_layers) for part in ("key", "value")}
+        feeds = {"input_ids": ids, "attention_mask": np.ones((1, total), np.int64),
+                 "position_ids": np.arange(total - new, total, dtype=np.int64)[None], **self._past}
+        names = [o.name for o in self.model.session.get_outputs()]
+        outputs = dict(zip(names, self.model.session.run(names, feeds), strict=True))
+        self._past = {n.replace("present", "past_key_values"): v for n, v in outputs.items() if n.startswith("present")}
+        return outputs["logits"][0, -1]
 
     def prefill(self, tokens: list[int]) -> np.ndarray:
         """Logits after the prompt. Long prompts go in chunks (profile.prefill_chunk): the same logits, but

@@ -50,6 +50,12 @@ class Manifest:
         return self.data["kv_cache"]["max_length"]
 
     @property
+    def shared_kv(self) -> bool:
+        """True for nomoat's graphs (past and present are one preallocated buffer); False for optimum's
+        graphs, whose present is past + the new tokens."""
+        return self.data["kv_cache"].get("shared_buffer", True)
+
+    @property
     def kv_shape(self) -> list[int]:
         return self.data["kv_cache"]["shape"]
 

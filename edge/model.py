@@ -146,6 +146,8 @@ class Model:
         dtype = np.float16 if self.manifest.data["kv_cache"]["dtype"] == "float16" else np.float32
         self.kv_names = []
         self.kv = []
+        if not self.manifest.shared_kv:
+            return  # optimum's graphs: the generator carries the growing cache from run to run
         for i in range(self.manifest.num_layers):
             for part in ("key", "value"):
                 buf = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cpu", 0)

@@ -28,7 +28,7 @@ from .sources import ExportError, open_checkpoint
 
 def export_model(source: str | Path, out: str | Path, opts: BuildOptions, loras: list[tuple[Path, float]] = (),
                  verify: bool | None = None, force: bool = False, log=print,
-                 min_agreement: float | None = None) -> Path:
+                 min_agreement: float | None = None, via: str = "builder") -> Path:
     out = Path(out)
     if out.exists() and not force:
         raise ExportError(f"output {out} exists (use --force to replace it)")
@@ -48,14 +48,20 @@ def export_model(source: str | Path, out: str | Path, opts: BuildOptions, loras:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        builder = LlamaBuilder(ckpt, opts, tmp / "model.onnx.data")
-        model = builder.build()
-        onnx.save_model(model, str(tmp / "model.onnx"))
-        del model
+        if via == "optimum":
+            from .via_optimum import export_via_optimum
+
+            kinds, lora_inputs = export_via_optimum(Path(source), ckpt, opts, tmp, log), []
+        else:
+            builder = LlamaBuilder(ckpt, opts, tmp / "model.onnx.data")
+            model = builder.build()
+            onnx.save_model(model, str(tmp / "model.onnx"))
+            del model
+            kinds, lora_inputs = builder.weight_kinds, builder.lora_inputs
         ckpt.save_tokenizer(tmp)
-        write_manifest(tmp, ckpt, opts, builder, adapters, out.name)
+        write_manifest(tmp, ckpt, opts, kinds, lora_inputs, adapters, out.name, via)
         log(f"exported {Path(source).name} -> {out} in {time.time() - t0:.1f}s "
-            f"({_size_mb(tmp):.1f} MB, weights: {dict(Counter(builder.weight_kinds.values()))})")
+            f"({_size_mb(tmp):.1f} MB, weights: {dict(Counter(kinds.values()))})")
         if verify is None:
             verify = _has_torch()
         if verify:
@@ -72,7 +78,9 @@ def export_model(source: str | Path, out: str | Path, opts: BuildOptions, loras:
     return out
 
 
-def write_manifest(folder: Path, ckpt, opts: BuildOptions, builder: LlamaBuilder, adapters, name: str) -> None:
+def write_manifest(folder: Path, ckpt, opts: BuildOptions, weight_kinds: dict[str, str], lora_inputs: list[dict],
+                   adapters, name: str, via: str = "builder") -> None:
+    optimum = via == "optimum"
     c = ckpt.config
     tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
     files = {f.name: sha256_file(f) for f in sorted(folder.iterdir()) if f.is_file()}
@@ -89,8 +97,10 @@ def write_manifest(folder: Path, ckpt, opts: BuildOptions, builder: LlamaBuilder
         "add_bos_token": tok_cfg.get("add_bos_token", False),
         "graph": {
             "file": "model.onnx",
-            "inputs": ["input_ids", "seqlens_k", "total_sequence_length"],
-            "logits": "last position only, [1, 1, vocab]",
+            "kind": "optimum" if optimum else "nomoat",
+            "inputs": ["input_ids", "attention_mask", "position_ids"] if optimum
+            else ["input_ids", "seqlens_k", "total_sequence_length"],
+            "logits": "every position, [1, S, vocab]" if optimum else "last position only, [1, 1, vocab]",
         },
         "kv_cache": {
             "layout": "BNSH",
@@ -99,13 +109,13 @@ def write_manifest(folder: Path, ckpt, opts: BuildOptions, builder: LlamaBuilder
             "max_length": opts.max_length,
             "past": "past_key_values.{layer}.{key|value}",
             "present": "present.{layer}.{key|value}",
-            "shared_buffer": True,
+            "shared_buffer": not optimum,  # optimum's graphs return past + new (a concatenation)
         },
         "lora": {
             "rank": opts.lora_rank,
             "targets": list(opts.lora_targets) if opts.lora_rank else [],
             "naming": "lora.{layer}.{target}.A [in, r] and lora.{layer}.{target}.B [r, out]; y += (x @ A) @ B",
-            "slots": builder.lora_inputs,
+            "slots": lora_inputs,
         },
         "quantization": {
             "precision": opts.precision,
@@ -114,7 +124,7 @@ def write_manifest(folder: Path, ckpt, opts: BuildOptions, builder: LlamaBuilder
             "symmetric": opts.quant_method == "rtn",
             "accuracy_level": opts.accuracy_level,
             "lm_head": opts.lm_head,
-            "weights": dict(Counter(builder.weight_kinds.values())),
+            "weights": dict(Counter(weight_kinds.values())),
         },
         "merged_adapters": [{"path": ad.path.name, "scale": ad.scale, "rank": ad.rank} for ad in adapters],
         "source": {"name": Path(ckpt.path).name, "sha256": ckpt.source_hash},

@@ -78,7 +78,9 @@ def export(src: Path, out: Path, **kw) -> Path:
 
     loras = kw.pop("loras", [])
     verify = kw.pop("verify", False)
-    return export_model(src, out, BuildOptions(**{"max_length": 256, **kw}), loras, verify=verify, log=lambda *_: None)
+    via = kw.pop("via", "builder")
+    return export_model(src, out, BuildOptions(**{"max_length": 256, **kw}), loras, verify=verify, log=lambda *_: None,
+                        via=via)
 
 
 @pytest.fixture(scope="session")

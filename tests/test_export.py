@@ -103,6 +103,28 @@ def test_cli_min_agreement_is_enforced(tiny, tmp_path):
     assert CliRunner().invoke(main, [*args, "--min-agreement", "0"]).exit_code == 0
 
 
+def test_via_optimum_fp32_equals_transformers_and_int4_is_close(tiny, adapters, exported):
+    fp32 = exported("optimum-fp32", precision="fp32", via="optimum")
+    manifest = json.loads((fp32 / "nomoat.json").read_text())
+    assert manifest["graph"]["kind"] == "optimum" and manifest["kv_cache"]["shared_buffer"] is False
+    ref = reference_logits(load_reference(tiny), IDS)
+    np.testing.assert_allclose(logits_of(fp32), ref, atol=1e-4, rtol=1e-4)
+    agree, kl, _ = compare(ref, logits_of(exported("optimum-int4", via="optimum")))
+    assert agree >= 0.5 and kl < 0.05, (agree, kl)
+    # a merged adapter goes through the same path: equal to the builder's merged export
+    merged = exported("optimum-merged", precision="fp32", via="optimum", loras=[(adapters[0], 1.0)])
+    np.testing.assert_allclose(logits_of(merged), logits_of(exported("merged-a1", precision="fp32",
+                                                                      loras=[(adapters[0], 1.0)])), atol=1e-4)
+    # the generation loop runs it too
+    assert len(Generator(fp32).generate("The capital", max_tokens=8).tokens) == 8
+
+
+def test_via_optimum_refuses_lora_slots(tiny, tmp_path):
+    with pytest.raises(ExportError, match="keeps no LoRA slots"):
+        export(tiny, tmp_path / "x", via="optimum", lora_rank=4)
+    assert not (tmp_path / "x").exists()
+
+
 def test_manifest_records_files_and_layout(exported):
     folder = exported("slots", lora_rank=8, precision="fp32")
     m = json.loads((folder / "nomoat.json").read_text())
