@@ -54,7 +54,7 @@ def main(verbose: bool) -> None:
               help="auto: the GGUF's own blocks, else int8.")
 @click.option("--via", type=click.Choice(["builder", "optimum"]), default="builder", show_default=True,
               help="builder: nomoat's LLaMA graph (fast, GGUF blocks, LoRA slots); optimum: cross-check path.")
-@click.option("--quant-method", type=click.Choice(["rtn", "rtn-asym", "k_quant", "hqq"]), default="rtn",
+@click.option("--quant-method", type=click.Choice(["rtn", "rtn-asym", "k_quant", "hqq", "gptq"]), default="rtn",
               show_default=True, help="For float weights (GGUF blocks are imported as they are); see the README.")
 @click.option("--max-length", type=int, default=4096, show_default=True, help="Longest context the graph supports.")
 @click.option("--kv-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,

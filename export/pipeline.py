@@ -32,6 +32,8 @@ def export_model(source: str | Path, out: str | Path, opts: BuildOptions, loras:
     out = Path(out)
     if out.exists() and not force:
         raise ExportError(f"output {out} exists (use --force to replace it)")
+    if opts.quant_method == "gptq" and via != "optimum":
+        raise ExportError("--quant-method gptq needs --via optimum (its calibration runs through a whole graph)")
     if opts.kv_dtype not in ("float32", "float16"):
         raise ExportError(f"--kv-dtype must be float32 or float16, not {opts.kv_dtype!r}")
     for t in opts.lora_targets:

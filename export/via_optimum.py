@@ -34,7 +34,7 @@ def export_via_optimum(source: Path, ckpt: Checkpoint, opts: BuildOptions, folde
     model = onnx.load(str(work / "onnx" / "model.onnx"))
     kinds = {"optimum": "fp32"}
     if opts.precision == "int4":
-        model, kinds = _quantize(model, opts)
+        model, kinds = _quantize(model, opts, work / "onnx")
     onnx.save_model(model, str(folder / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="model.onnx.data", size_threshold=1024)
     shutil.rmtree(work)
@@ -59,19 +59,54 @@ def _hf_folder(source: Path, opts: BuildOptions, out: Path) -> Path:
     return out
 
 
-def _quantize(model: onnx.ModelProto, opts: BuildOptions) -> tuple[onnx.ModelProto, dict[str, str]]:
+# GPTQ's calibration text: general prose, kept apart from the verification passages (verify.py)
+CALIBRATION = [
+    "The history of science is the study of the development of science and scientific knowledge.",
+    "Write a short poem about the sea at night, with the moon over the water.",
+    "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a",
+    "Photosynthesis converts light energy into chemical energy stored in glucose.",
+    "User: How do I make a cup of tea?\nAssistant: Boil water, pour it over the tea and wait three minutes.",
+    "Mount Everest is the highest mountain above sea level, on the border of Nepal and China.",
+    "In 1969 two astronauts walked on the Moon while a third orbited above them.",
+    "Recipes for bread need flour, water, salt and yeast, and a warm place to rise.",
+]
+
+
+def _calibration(model: onnx.ModelProto, hf: Path) -> list[dict[str, np.ndarray]]:
+    """GPTQ's calibration batches: each text as a fresh prompt (empty KV cache) of optimum's graph."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(hf / "tokenizer.json"))
+    kv = [i for i in model.graph.input if i.name.startswith("past_key_values.")]
+    batches = []
+    for text in CALIBRATION:
+        ids = np.array([tok.encode(text).ids], np.int64)
+        batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(ids.shape[1])[None]}
+        for i in kv:
+            heads, dim = (d.dim_value for d in i.type.tensor_type.shape.dim[1::2])
+            batch[i.name] = np.zeros((1, heads, 0, dim), np.float32)
+        batches.append(batch)
+    return batches
+
+
+def _quantize(model: onnx.ModelProto, opts: BuildOptions, hf: Path) -> tuple[onnx.ModelProto, dict[str, str]]:
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
+        GPTQWeightOnlyQuantConfig,
         MatMulNBitsQuantizer,
     )
 
-    if opts.quant_method not in ("rtn", "rtn-asym"):
-        raise ExportError("--via optimum quantizes with rtn or rtn-asym")
+    if opts.quant_method not in ("rtn", "rtn-asym", "gptq"):
+        raise ExportError("--via optimum quantizes with rtn, rtn-asym or gptq")
     head = [n.name for n in model.graph.node if n.op_type == "MatMul" and "lm_head" in n.name]
     exclude = head if opts.lm_head == "fp32" else []
-    config = DefaultWeightOnlyQuantConfig(block_size=opts.block_size, is_symmetric=opts.quant_method == "rtn",
-                                          accuracy_level=opts.accuracy_level)
-    quantizer = MatMulNBitsQuantizer(model, block_size=opts.block_size, is_symmetric=opts.quant_method == "rtn",
+    symmetric = opts.quant_method != "rtn-asym"
+    if opts.quant_method == "gptq":
+        config = GPTQWeightOnlyQuantConfig(calibration_data_reader=_calibration(model, hf))
+    else:
+        config = DefaultWeightOnlyQuantConfig(block_size=opts.block_size, is_symmetric=symmetric,
+                                              accuracy_level=opts.accuracy_level)
+    quantizer = MatMulNBitsQuantizer(model, block_size=opts.block_size, is_symmetric=symmetric,
                                      accuracy_level=opts.accuracy_level, nodes_to_exclude=exclude, algo_config=config)
     quantizer.process()
     model = quantizer.model.model

@@ -119,9 +119,18 @@ def test_via_optimum_fp32_equals_transformers_and_int4_is_close(tiny, adapters, 
     assert len(Generator(fp32).generate("The capital", max_tokens=8).tokens) == 8
 
 
-def test_via_optimum_refuses_lora_slots(tiny, tmp_path):
+def test_via_optimum_gptq_calibrates_and_stays_close(tiny, exported):
+    folder = exported("optimum-gptq", via="optimum", quant_method="gptq")
+    assert json.loads((folder / "nomoat.json").read_text())["quantization"]["weights"] == {"gptq-int4": 15}
+    _, kl, _ = compare(reference_logits(load_reference(tiny), IDS), logits_of(folder))
+    assert kl < 0.1, kl
+
+
+def test_via_optimum_refuses_lora_slots_and_builder_refuses_gptq(tiny, tmp_path):
     with pytest.raises(ExportError, match="keeps no LoRA slots"):
         export(tiny, tmp_path / "x", via="optimum", lora_rank=4)
+    with pytest.raises(ExportError, match="gptq needs --via optimum"):
+        export(tiny, tmp_path / "x", quant_method="gptq")
     assert not (tmp_path / "x").exists()
 
 
