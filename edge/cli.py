@@ -50,6 +50,8 @@ def main(verbose: bool) -> None:
 @click.option("--block-size", type=int, default=32, show_default=True)
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
               help="MatMulNBits compute: 0/1 fp32, 4 int8 activations (the runtime profile may override).")
+@click.option("--fidelity", type=click.Choice(["default", "exact"]), default="default", show_default=True,
+              help="exact: fp32 compute in every layer (the GGUF's output token for token), lm_head at level 4.")
 @click.option("--lm-head", type=click.Choice(["auto", "int4", "int8", "fp32"]), default="auto", show_default=True,
               help="auto: the GGUF's own blocks, else int8.")
 @click.option("--via", type=click.Choice(["builder", "optimum"]), default="builder", show_default=True,
@@ -62,7 +64,7 @@ def main(verbose: bool) -> None:
 @click.option("--verify/--no-verify", default=None, help="Compare with the transformers reference (default: on).")
 @click.option("--min-agreement", type=float, default=None, help="Fail verification below this top-1 agreement.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
-def export_cmd(source, output, loras, lora_slots, lora_targets, precision, block_size, accuracy_level, lm_head,
+def export_cmd(source, output, loras, lora_slots, lora_targets, precision, block_size, accuracy_level, fidelity, lm_head,
                via, quant_method, max_length, kv_dtype, verify, min_agreement, force):
     """Export SOURCE (a Hugging Face folder or a llama .gguf) to an int4 ONNX model folder."""
     try:
@@ -72,7 +74,12 @@ def export_cmd(source, output, loras, lora_slots, lora_targets, precision, block
         from export.sources import ExportError
     except ImportError as e:
         _fail(RuntimeError(f"export needs the host extras: pip install 'nomoat[export]' ({e})"))
+    if fidelity == "exact":  # int8 activations flip near-ties; the lm_head's argmax is robust to them and its
+        accuracy_level, head_level = 1, 4  # 8-bit fp32 path is very slow on x86
+    else:
+        head_level = None
     opts = BuildOptions(precision=precision, block_size=block_size, accuracy_level=accuracy_level, lm_head=lm_head,
+                        lm_head_accuracy_level=head_level,
                         quant_method=quant_method, max_length=max_length, kv_dtype=kv_dtype, lora_rank=lora_slots,
                         lora_targets=tuple(t.strip() for t in lora_targets.split(",") if t.strip()))
     try:

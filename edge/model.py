@@ -96,8 +96,13 @@ class Model:
         so.graph_optimization_level = _LEVELS[p.graph_optimization]
         so.log_severity_level = 3
         path = self.folder / self.manifest.data["graph"]["file"]
-        exported_level = self.manifest.data["quantization"]["accuracy_level"]
-        graph = graph_for_level(path, exported_level, p.accuracy_level)
+        quant = self.manifest.data["quantization"]
+        level = p.accuracy_level
+        if quant.get("fidelity") == "exact" and level not in (None, quant["accuracy_level"]):
+            log.info("%s was exported for exact fidelity: keeping its accuracy levels, not the profile's %s",
+                     self.manifest.name, level)
+            level = None
+        graph = graph_for_level(path, quant["accuracy_level"], level)
         providers = choose_providers(p)
         try:
             if p.optimized_model_cache and [name for name, _ in providers] == ["CPUExecutionProvider"]:

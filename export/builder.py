@@ -42,6 +42,7 @@ class BuildOptions:
     lm_head: str = "auto"  # auto | int4 | int8 | fp32
     quant_method: str = "rtn"  # for float weights: rtn | rtn-asym | k_quant | hqq (see quantize.py)
     kv_dtype: str = "float32"  # float16 halves the KV cache; attention then runs in half precision
+    lm_head_accuracy_level: int | None = None  # None: as the other layers
     max_length: int = 2048  # rotary table and KV buffer limit
     lora_rank: int = 0  # 0: no LoRA slots
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -164,7 +165,8 @@ class LlamaBuilder:
             inputs.append(g.init(f"{name}.zero_points", pack_zero_points(w.zero_points)))
         y = g.op1("MatMulNBits", inputs,
                   name=name, domain="com.microsoft", K=k, N=n, bits=w.bits, block_size=w.block_size,
-                  accuracy_level=self.opts.accuracy_level)
+                  accuracy_level=self.opts.lm_head_accuracy_level if name == "lm_head" and
+                  self.opts.lm_head_accuracy_level is not None else self.opts.accuracy_level)
         if w.mins is None:
             return y
         # GGUF Q4_1: + sum_b blocksum(x)_b * mins[n, b]

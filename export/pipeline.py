@@ -125,6 +125,8 @@ def write_manifest(folder: Path, ckpt, opts: BuildOptions, weight_kinds: dict[st
             "method": opts.quant_method,
             "symmetric": opts.quant_method == "rtn",
             "accuracy_level": opts.accuracy_level,
+            "lm_head_accuracy_level": opts.lm_head_accuracy_level,
+            "fidelity": "exact" if opts.lm_head_accuracy_level is not None and opts.accuracy_level == 1 else "default",
             "lm_head": opts.lm_head,
             "weights": dict(Counter(weight_kinds.values())),
         },

@@ -92,6 +92,18 @@ def test_float16_kv_cache_halves_it_and_stays_close(exported):
                                                                                           max_tokens=16).tokens
 
 
+def test_exact_fidelity_keeps_its_levels_under_any_profile(exported):
+    from edge.profile import Profile
+
+    folder = exported("int4-exact", accuracy_level=1, lm_head_accuracy_level=4)
+    assert json.loads((folder / "nomoat.json").read_text())["quantization"]["fidelity"] == "exact"
+    as_exported = runtime_logits(Generator(folder), IDS)
+    np.testing.assert_array_equal(runtime_logits(Generator(folder, Profile(accuracy_level=4)), IDS), as_exported)
+    # while a default export follows the profile
+    default = exported("int4-tiny")
+    assert not np.array_equal(runtime_logits(Generator(default, Profile(accuracy_level=1)), IDS), logits_of(default))
+
+
 def test_cli_min_agreement_is_enforced(tiny, tmp_path):
     from click.testing import CliRunner
 
