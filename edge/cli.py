@@ -51,7 +51,7 @@ def main(verbose: bool) -> None:
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
               help="MatMulNBits compute: 0/1 fp32, 4 int8 activations (the runtime profile may override).")
 @click.option("--fidelity", type=click.Choice(["default", "exact"]), default="default", show_default=True,
-              help="exact: fp32 compute in every layer (the GGUF's output token for token), lm_head at level 4.")
+              help="exact: fp32 compute (accuracy level 1) and an fp32 lm_head: the reference token for token.")
 @click.option("--lm-head", type=click.Choice(["auto", "int4", "int8", "fp32"]), default="auto", show_default=True,
               help="auto: the GGUF's own blocks, else int8.")
 @click.option("--via", type=click.Choice(["builder", "optimum"]), default="builder", show_default=True,
@@ -74,12 +74,10 @@ def export_cmd(source, output, loras, lora_slots, lora_targets, precision, block
         from export.sources import ExportError
     except ImportError as e:
         _fail(RuntimeError(f"export needs the host extras: pip install 'nomoat[export]' ({e})"))
-    if fidelity == "exact":  # int8 activations flip near-ties; the lm_head's argmax is robust to them and its
-        accuracy_level, head_level = 1, 4  # 8-bit fp32 path is very slow on x86
-    else:
-        head_level = None
+    if fidelity == "exact":  # int8 activations flip near-ties; an 8-bit lm_head at level 1 is very slow on x86
+        accuracy_level, lm_head = 1, "fp32"
     opts = BuildOptions(precision=precision, block_size=block_size, accuracy_level=accuracy_level, lm_head=lm_head,
-                        lm_head_accuracy_level=head_level,
+                        fidelity=fidelity,
                         quant_method=quant_method, max_length=max_length, kv_dtype=kv_dtype, lora_rank=lora_slots,
                         lora_targets=tuple(t.strip() for t in lora_targets.split(",") if t.strip()))
     try:
@@ -309,15 +307,20 @@ def serve(model, broker, fleet, device, profile, adapter_file, adapter_store, tr
 @click.option("--chat", is_flag=True, help="Send as a chat message (the model's template).")
 @click.option("--max-tokens", type=int, default=128)
 @click.option("--temperature", type=float, default=0.0)
+@click.option("--repetition-penalty", type=float, default=1.0)
+@click.option("--seed", type=int, default=None)
 @click.option("--adapter", "adapters", multiple=True, metavar="NAME[:SCALE]")
 @click.option("--timeout", type=float, default=120.0)
-def ask(prompt, broker, fleet, device, profile, pool, chat, max_tokens, temperature, adapters, timeout):
+def ask(prompt, broker, fleet, device, profile, pool, chat, max_tokens, temperature, repetition_penalty, seed,
+        adapters, timeout):
     """Send PROMPT to a device (or the fleet pool) and stream the answer."""
     from .client import ask as ask_request
 
     prof = _profile_with(profile, broker, fleet, device)
-    req = {"max_tokens": max_tokens, "temperature": temperature,
+    req = {"max_tokens": max_tokens, "temperature": temperature, "repetition_penalty": repetition_penalty,
            "adapters": [{"name": n, "scale": s} for n, s in _adapters(adapters)]}
+    if seed is not None:
+        req["seed"] = seed
     req.update({"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt})
     try:
         for msg in ask_request(prof.mqtt, req, pool=pool, timeout=timeout):

@@ -42,7 +42,7 @@ class BuildOptions:
     lm_head: str = "auto"  # auto | int4 | int8 | fp32
     quant_method: str = "rtn"  # for float weights: rtn | rtn-asym | k_quant | hqq (see quantize.py)
     kv_dtype: str = "float32"  # float16 halves the KV cache; attention then runs in half precision
-    lm_head_accuracy_level: int | None = None  # None: as the other layers
+    fidelity: str = "default"  # exact: set by the CLI as accuracy level 1 and an fp32 lm_head (recorded only)
     max_length: int = 2048  # rotary table and KV buffer limit
     lora_rank: int = 0  # 0: no LoRA slots
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -165,8 +165,7 @@ class LlamaBuilder:
             inputs.append(g.init(f"{name}.zero_points", pack_zero_points(w.zero_points)))
         y = g.op1("MatMulNBits", inputs,
                   name=name, domain="com.microsoft", K=k, N=n, bits=w.bits, block_size=w.block_size,
-                  accuracy_level=self.opts.lm_head_accuracy_level if name == "lm_head" and
-                  self.opts.lm_head_accuracy_level is not None else self.opts.accuracy_level)
+                  accuracy_level=self.opts.accuracy_level)
         if w.mins is None:
             return y
         # GGUF Q4_1: + sum_b blocksum(x)_b * mins[n, b]
@@ -297,10 +296,11 @@ class LlamaBuilder:
             w = self.weight("lm_head.weight", bits)
             self.weight_kinds["lm_head"] = getattr(w, "kind", "fp32")
             return self.matmul(x, w, "lm_head")
-        if isinstance(self.embed, np.ndarray):
-            g.init("lm_head.weight_t", self.embed.T)
-        return self.matmul(x, self.embed, "lm_head", shared=self.embed_name if isinstance(self.embed, QuantBlocks)
-                           else "lm_head")
+        if isinstance(self.embed, np.ndarray):  # float and tied: Gemm reads the embedding transposed, no copy
+            x2 = g.op1("Reshape", [x, g.const([-1, self.cfg.hidden_size])])
+            y = g.op1("Gemm", [x2, self.embed_name], name="lm_head", transB=1)
+            return g.op1("Reshape", [y, g.const([1, -1, self.cfg.vocab_size])])
+        return self.matmul(x, self.embed, "lm_head", shared=self.embed_name)
 
 
 def _concat_weights(ws: list) -> np.ndarray | QuantBlocks:

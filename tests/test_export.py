@@ -95,7 +95,7 @@ def test_float16_kv_cache_halves_it_and_stays_close(exported):
 def test_exact_fidelity_keeps_its_levels_under_any_profile(exported):
     from edge.profile import Profile
 
-    folder = exported("int4-exact", accuracy_level=1, lm_head_accuracy_level=4)
+    folder = exported("int4-exact", accuracy_level=1, lm_head="fp32", fidelity="exact")
     assert json.loads((folder / "nomoat.json").read_text())["quantization"]["fidelity"] == "exact"
     as_exported = runtime_logits(Generator(folder), IDS)
     np.testing.assert_array_equal(runtime_logits(Generator(folder, Profile(accuracy_level=4)), IDS), as_exported)

@@ -27,7 +27,8 @@ trap 'kill $SERVE_PID $BROKER_PID 2>/dev/null; wait 2>/dev/null; rm -rf "$WORK"'
 sleep 3
 for q in "What is the capital of France?" "Write a haiku about a Raspberry Pi."; do
   echo ">>> $q"
-  .venv/bin/nomoat ask "$q" --chat --broker "mqtt://127.0.0.1:$PORT" --fleet demo --device pi1 --max-tokens 64
+  .venv/bin/nomoat ask "$q" --chat --broker "mqtt://127.0.0.1:$PORT" --fleet demo --device pi1 --max-tokens 64 \
+    --repetition-penalty 1.1
 done
 echo ">>> The capital of France is  (plain completion)"
 .venv/bin/nomoat ask "The capital of France is" --broker "mqtt://127.0.0.1:$PORT" --fleet demo --device pi1 --max-tokens 16
