@@ -261,6 +261,13 @@ def test_smollm2_gguf_says_paris(smollm2_gguf, tmp_path):
     result = Generator(out).generate("The capital of France is", max_tokens=4)
     assert result.text.startswith(" Paris"), result.text
 
+    # --fidelity exact: every teacher-forced token as the reference, and the reference's chat answer
+    exact = export_model(smollm2_gguf, tmp_path / "exact", BuildOptions(max_length=1024, accuracy_level=1,
+                                                                         lm_head="fp32", fidelity="exact"),
+                         verify=True, log=lines.append, min_agreement=1.0)
+    answer = Generator(exact).generate([{"role": "user", "content": "What is the capital of France?"}], max_tokens=8)
+    assert answer.text.startswith("The capital of France is Paris"), answer.text
+
     # `nomoat doctor`: it fits a Raspberry Pi Zero 2 W at its profile's context, not a 100 MiB budget.
     from test_doctor import ZERO2, device
 
