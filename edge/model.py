@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -106,8 +105,11 @@ class Model:
         providers = choose_providers(p)
         try:
             if p.optimized_model_cache and [name for name, _ in providers] == ["CPUExecutionProvider"]:
-                graph = self._prepacked_graph(graph, so, Path(p.optimized_model_cache).expanduser())
-                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # done already
+                try:
+                    graph = self._prepacked_graph(graph, so, Path(p.optimized_model_cache).expanduser())
+                    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # done already
+                except OSError as e:  # a read-only or full disk: load as usual
+                    log.warning("no optimized graph cache (%s); loading %s directly", e, graph.name)
             return ort.InferenceSession(str(graph), so, providers=providers)
         except Exception as e:  # onnxruntime raises several exception types for a bad model
             raise ModelError(f"onnxruntime could not load {path}: {str(e).splitlines()[0]}") from e
@@ -119,12 +121,16 @@ class Model:
         weights cost page cache (shared, reclaimable) rather than private memory. The prepacked layout
         depends on the onnxruntime version, the accuracy level and the CPU, hence the folder's key.
         """
-        cpu = hashlib.sha256((platform.machine() + Path("/proc/cpuinfo").read_text(errors="replace")
-                              if Path("/proc/cpuinfo").exists() else platform.machine()).encode())
-        key = hashlib.sha256(f"{self.manifest.data['model_hash']} {graph.name} {ort.__version__} "
-                             f"{cpu.hexdigest()} {so.graph_optimization_level}".encode()).hexdigest()[:16]
-        target = cache / key
+        from .doctor import inspect_device
+
+        device = inspect_device()  # CPU name and feature flags: stable, unlike cpuinfo's clock speeds
+        model = self.manifest.data["model_hash"][:12]
+        key = hashlib.sha256(f"{graph.name} {ort.__version__} {device.machine} {device.cpu} {device.features} "
+                             f"{so.graph_optimization_level}".encode()).hexdigest()[:12]
+        target = cache / f"{model}-{key}"
         if not (target / "model.onnx").exists():
+            for stale in cache.glob(f"{model}-*"):  # this model's graph for another version, level or CPU
+                shutil.rmtree(stale, ignore_errors=True)
             cache.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache))
             tmp.chmod(0o755)

@@ -65,6 +65,15 @@ def test_prepacked_cache_gives_the_same_tokens(int4, tmp_path):
         assert gen.generate("The capital", max_tokens=16).tokens == base
     (written,) = (tmp_path / "cache").iterdir()
     assert {f.name for f in written.iterdir()} == {"model.onnx", "model.onnx.data"}
+    # an unwritable cache folder: a warning, and the model loads as usual
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert Generator(int4, Profile(optimized_model_cache=str(blocker / "cache"))).generate(
+        "The capital", max_tokens=16).tokens == base
+    # another accuracy level is another graph; it replaces this model's previous one
+    Generator(int4, Profile(optimized_model_cache=str(tmp_path / "cache"), accuracy_level=1))
+    (replaced,) = (tmp_path / "cache").iterdir()
+    assert replaced != written
 
 
 def test_seed_reproducible_and_different_seeds_differ(int4):
