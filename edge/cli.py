@@ -74,8 +74,6 @@ def export_cmd(source, output, loras, lora_slots, lora_targets, precision, block
         from export.sources import ExportError
     except ImportError as e:
         _fail(RuntimeError(f"export needs the host extras: pip install 'nomoat[export]' ({e})"))
-    if fidelity == "exact":  # int8 activations flip near-ties; an 8-bit lm_head at level 1 is very slow on x86
-        accuracy_level, lm_head = 1, "fp32"
     opts = BuildOptions(precision=precision, block_size=block_size, accuracy_level=accuracy_level, lm_head=lm_head,
                         fidelity=fidelity,
                         quant_method=quant_method, max_length=max_length, kv_dtype=kv_dtype, lora_rank=lora_slots,
@@ -394,15 +392,15 @@ def fleet_push(adapter_file, name, fleet_name, broker, key, version, activate, s
     messages = [(f"{base}/{version}/{i}", c) for i, c in enumerate(chunks)]
     messages.append((base, json.dumps(manifest).encode()))  # manifest last: chunks are there when it lands
     wire = sum(len(topic) + len(payload) for topic, payload in messages)
+    summary = (f"pushed {name} v{version}: {manifest['size']} bytes in {len(chunks)} chunks "
+               f"({wire} bytes of topics and payloads) to fleet {fleet_name}")
     if not wait_for:
         publish_all(_fleet_settings(broker, fleet_name), messages)
-        click.echo(f"pushed {name} v{version}: {manifest['size']} bytes in {len(chunks)} chunks "
-                   f"({wire} bytes of topics and payloads) to fleet {fleet_name}")
+        click.echo(summary)
         return
     until = "activated" if activate else "installed"
     events = push_and_watch(_fleet_settings(broker, fleet_name), messages, name, version, wait_for, until, timeout)
-    click.echo(f"pushed {name} v{version}: {manifest['size']} bytes in {len(chunks)} chunks "
-               f"({wire} bytes of topics and payloads) to fleet {fleet_name}")
+    click.echo(summary)
     for e in events:
         click.echo(f"  {e['device']:16s} {e['event']:10s} after {e['seconds']:.2f} s {e.get('reason', '')}")
     if len(events) < wait_for or any(e["event"] == "rejected" for e in events):

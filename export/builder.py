@@ -42,7 +42,7 @@ class BuildOptions:
     lm_head: str = "auto"  # auto | int4 | int8 | fp32
     quant_method: str = "rtn"  # for float weights: rtn | rtn-asym | k_quant | hqq (see quantize.py)
     kv_dtype: str = "float32"  # float16 halves the KV cache; attention then runs in half precision
-    fidelity: str = "default"  # exact: set by the CLI as accuracy level 1 and an fp32 lm_head (recorded only)
+    fidelity: str = "default"  # exact: accuracy level 1 and an fp32 lm_head (export_model sets them)
     max_length: int = 2048  # rotary table and KV buffer limit
     lora_rank: int = 0  # 0: no LoRA slots
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -32,6 +32,8 @@ def export_model(source: str | Path, out: str | Path, opts: BuildOptions, loras:
     out = Path(out)
     if out.exists() and not force:
         raise ExportError(f"output {out} exists (use --force to replace it)")
+    if opts.fidelity == "exact":  # int8 activations flip near-ties; an 8-bit lm_head at level 1 is slow on x86
+        opts.accuracy_level, opts.lm_head = 1, "fp32"
     if opts.quant_method == "gptq" and via != "optimum":
         raise ExportError("--quant-method gptq needs --via optimum (its calibration runs through a whole graph)")
     if opts.kv_dtype not in ("float32", "float16"):
@@ -123,7 +125,7 @@ def write_manifest(folder: Path, ckpt, opts: BuildOptions, weight_kinds: dict[st
             "precision": opts.precision,
             "block_size": opts.block_size,
             "method": opts.quant_method,
-            "symmetric": opts.quant_method == "rtn",
+            "symmetric": opts.quant_method in ("rtn", "gptq"),
             "accuracy_level": opts.accuracy_level,
             "fidelity": opts.fidelity,
             "lm_head": opts.lm_head,

@@ -95,7 +95,7 @@ def test_float16_kv_cache_halves_it_and_stays_close(exported):
 def test_exact_fidelity_keeps_its_levels_under_any_profile(exported):
     from edge.profile import Profile
 
-    folder = exported("int4-exact", accuracy_level=1, lm_head="fp32", fidelity="exact")
+    folder = exported("int4-exact", fidelity="exact")
     assert json.loads((folder / "nomoat.json").read_text())["quantization"]["fidelity"] == "exact"
     as_exported = runtime_logits(Generator(folder), IDS)
     np.testing.assert_array_equal(runtime_logits(Generator(folder, Profile(accuracy_level=4)), IDS), as_exported)
@@ -262,8 +262,7 @@ def test_smollm2_gguf_says_paris(smollm2_gguf, tmp_path):
     assert result.text.startswith(" Paris"), result.text
 
     # --fidelity exact: every teacher-forced token as the reference, and the reference's chat answer
-    exact = export_model(smollm2_gguf, tmp_path / "exact", BuildOptions(max_length=1024, accuracy_level=1,
-                                                                         lm_head="fp32", fidelity="exact"),
+    exact = export_model(smollm2_gguf, tmp_path / "exact", BuildOptions(max_length=1024, fidelity="exact"),
                          verify=True, log=lines.append, min_agreement=1.0)
     answer = Generator(exact).generate([{"role": "user", "content": "What is the capital of France?"}], max_tokens=8)
     assert answer.text.startswith("The capital of France is Paris"), answer.text
