@@ -110,6 +110,8 @@ class Generator:
     def prefill(self, tokens: list[int]) -> np.ndarray:
         """Logits after the prompt. Long prompts go in chunks (profile.prefill_chunk): the same logits, but
         the attention and MLP buffers of the largest run, which onnxruntime's arena keeps, stay small."""
+        if not tokens:
+            raise GenerationError("empty prompt")
         step = self.model.profile.prefill_chunk or len(tokens)
         for start in range(0, len(tokens), step):
             chunk = tokens[start:start + step]

@@ -54,6 +54,8 @@ def test_chunked_prefill_equals_one_pass(int4):
     whole = Generator(int4, Profile(prefill_chunk=0)).prefill(ids).copy()
     for chunk in (1, 16, 49):
         np.testing.assert_allclose(Generator(int4, Profile(prefill_chunk=chunk)).prefill(ids), whole, atol=1e-4)
+    with pytest.raises(GenerationError, match="empty prompt"):
+        Generator(int4).prefill([])
 
 
 def test_prepacked_cache_gives_the_same_tokens(int4, tmp_path):
