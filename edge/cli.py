@@ -289,9 +289,10 @@ def serve(model, broker, fleet, device, profile, adapter_file, adapter_store, tr
         gen = _generator(model, prof, adapter_file)
         daemon = Daemon(gen, prof, log_json=log_format == "json")
         if prof.trusted_keys:
-            store = adapter_store or prof.adapter_store or \
-                Path.home() / ".local/share/nomoat/adapters" / gen.manifest.model_hash[:16]
-            AdapterUpdater(daemon, Path(store))
+            # a profile's store (or the default) holds one folder per base model
+            store = Path(adapter_store) if adapter_store else \
+                Path(prof.adapter_store or "~/.local/share/nomoat/adapters").expanduser() / gen.manifest.model_hash[:16]
+            AdapterUpdater(daemon, store)
     except (*_errors(), ValueError) as e:
         _fail(e)
     click.echo(f"serving {gen.manifest.name} as {prof.mqtt.fleet}/{prof.mqtt.device} on {prof.mqtt.broker}", err=True)
