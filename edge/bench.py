@@ -17,7 +17,7 @@ from .profile import Profile
 
 
 def _decode(gen: Generator, start: int, n: int) -> float:
-    token = 1000
+    token = gen.vocab // 2  # any valid token; then the model's own greedy choices
     t = time.perf_counter()
     for i in range(n):
         token = int(np.argmax(gen.decode_one_token(token, start + i)))
@@ -37,17 +37,18 @@ def bench_model(folder, profile: Profile, runs: int = 5, long_context: int = 100
         loads.append(time.perf_counter() - t)
     rng = np.random.default_rng(0)
     vocab = gen.vocab
+    low = min(100, vocab // 4)  # skip the special tokens at the start of most vocabularies
     long_context = min(long_context, gen.model.max_length - 40)
     prefill, decode, decode_long = [], [], []
-    gen.prefill(rng.integers(100, vocab, 16).tolist())  # warm-up
+    gen.prefill(rng.integers(low, vocab, 16).tolist())  # warm-up
     for _ in range(runs):
-        ids = rng.integers(100, vocab, 128).tolist()
+        ids = rng.integers(low, vocab, 128).tolist()
         t = time.perf_counter()
         gen.prefill(ids)
         prefill.append(128 / (time.perf_counter() - t))
         gen.prefill(ids[:8])
         decode.append(_decode(gen, 8, 128))
-        gen.prefill(rng.integers(100, vocab, long_context).tolist())
+        gen.prefill(rng.integers(low, vocab, long_context).tolist())
         decode_long.append(_decode(gen, long_context, 32))
     return {
         "model": str(folder),
@@ -59,6 +60,7 @@ def bench_model(folder, profile: Profile, runs: int = 5, long_context: int = 100
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "providers": gen.model.providers,
         "accuracy_level": profile.accuracy_level,
+        "verification": gen.manifest.data.get("verification"),  # the export's agreement with its reference
     }
 
 
@@ -68,4 +70,12 @@ def format_table(report: dict) -> str:
         if isinstance(value, dict):
             lines.append(f"  {key:24s} median {value['median']:>8}  min {value['min']:>8}  max {value['max']:>8}")
     lines.append(f"  {'peak_rss_mib':24s} {report['peak_rss_mib']}")
+    lines.append(f"  {'fidelity':24s} {describe_verification(report.get('verification'))}")
     return "\n".join(lines)
+
+
+def describe_verification(v: dict | None) -> str:
+    if not v:
+        return "not verified at export (nomoat export --verify)"
+    return (f"top-1 agreement {v['top1_agreement']:.1%} over {v['tokens']} tokens, mean KL {v['mean_kl']:.4f}, "
+            f"greedy {'matches' if v['greedy_match'] else 'differs from'} the reference")

@@ -71,8 +71,14 @@ def export_model(source: str | Path, out: str | Path, opts: BuildOptions, loras:
         if verify:
             from .verify import DEFAULT_MIN_AGREEMENT, verify_export
 
-            verify_export(tmp, source, loras, log=log,
-                          min_agreement=DEFAULT_MIN_AGREEMENT if min_agreement is None else min_agreement)
+            report = verify_export(tmp, source, loras, log=log,
+                                   min_agreement=DEFAULT_MIN_AGREEMENT if min_agreement is None else min_agreement)
+            # kept in the manifest so that every speed figure can be shown next to the fidelity it buys
+            manifest = json.loads((tmp / MANIFEST).read_text())
+            manifest["verification"] = {"top1_agreement": round(report.top1_agreement, 4),
+                                        "mean_kl": round(report.mean_kl, 5), "max_abs_diff": float(report.max_abs_diff),
+                                        "greedy_match": report.greedy_match, "tokens": report.tokens}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -237,3 +237,18 @@ def test_edge_does_not_import_torch(int4):
             "import edge.cli, edge.bench; bad = [m for m in ('torch', 'transformers', 'optimum', 'onnx') "
             "if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code, str(int4)], check=True, timeout=120)
+
+
+def test_cli_bench_reports_every_figure(int4):
+    from click.testing import CliRunner
+
+    from edge.cli import main
+
+    result = CliRunner().invoke(main, ["bench", str(int4), "--runs", "1", "--long-context", "64", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    for key in ("load_s", "prefill_128_tok_s", "decode_128_tok_s", "decode_at_64_tok_s"):
+        assert report[key]["median"] > 0
+    assert report["peak_rss_mib"] > 0
+    table = CliRunner().invoke(main, ["bench", str(int4), "--runs", "1", "--long-context", "64"]).output
+    assert "decode_128_tok_s" in table and "not verified at export" in table  # the tests export without --verify

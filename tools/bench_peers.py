@@ -92,6 +92,10 @@ def main() -> None:
         return
     engines = [e for e, r in results.items() if r]
     print(f"threads={a.threads} runs={a.runs} context={a.long_context} (medians)")
+    if results.get("nomoat"):
+        from edge.bench import describe_verification
+
+        print(f"nomoat fidelity: {describe_verification(results['nomoat'].get('verification'))}")
     print(f"{'':20s}" + "".join(f"{e:>12s}" for e in engines) + ("   ratio nomoat/llama.cpp" if len(engines) > 1 else ""))
     for key, label, _higher_better in KEYS:
         row = [value(results[e], key) for e in engines]
