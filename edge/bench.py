@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from .generate import Generator
+from .generate import GenerationError, Generator
 from .profile import Profile
 
 
@@ -38,6 +38,8 @@ def bench_model(folder, profile: Profile, runs: int = 5, long_context: int = 100
     rng = np.random.default_rng(0)
     vocab = gen.vocab
     low = min(100, vocab // 4)  # skip the special tokens at the start of most vocabularies
+    if gen.model.max_length < 200:
+        raise GenerationError(f"the context limit {gen.model.max_length} is too short for the benchmark (200+)")
     long_context = min(long_context, gen.model.max_length - 40)
     prefill, decode, decode_long = [], [], []
     gen.prefill(rng.integers(low, vocab, 16).tolist())  # warm-up
@@ -67,7 +69,7 @@ def bench_model(folder, profile: Profile, runs: int = 5, long_context: int = 100
 def format_table(report: dict) -> str:
     lines = [f"{report['model']}  (threads={report['threads'] or 'auto'}, providers={report['providers']})"]
     for key, value in report.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and "median" in value:
             lines.append(f"  {key:24s} median {value['median']:>8}  min {value['min']:>8}  max {value['max']:>8}")
     lines.append(f"  {'peak_rss_mib':24s} {report['peak_rss_mib']}")
     lines.append(f"  {'fidelity':24s} {describe_verification(report.get('verification'))}")

@@ -109,12 +109,14 @@ def test_cli_min_agreement_is_enforced(tiny, tmp_path):
 
     from edge.cli import main
 
-    args = ["export", str(tiny), "-o", str(tmp_path / "m"), "--max-length", "64", "--verify"]
+    args = ["export", str(tiny), "-o", str(tmp_path / "m"), "--max-length", "256", "--verify"]
     result = CliRunner().invoke(main, [*args, "--min-agreement", "1.01"])  # no int4 export reaches 101 %
     assert result.exit_code == 1 and "see --min-agreement" in result.output and not (tmp_path / "m").exists()
     assert CliRunner().invoke(main, [*args, "--min-agreement", "0"]).exit_code == 0
     verification = json.loads((tmp_path / "m" / "nomoat.json").read_text())["verification"]
     assert 0 <= verification["top1_agreement"] <= 1 and verification["tokens"] > 0
+    table = CliRunner().invoke(main, ["bench", str(tmp_path / "m"), "--runs", "1", "--long-context", "16"]).output
+    assert "fidelity                 top-1 agreement" in table, table
 
 
 def test_via_optimum_fp32_equals_transformers_and_int4_is_close(tiny, adapters, exported):
