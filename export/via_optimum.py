@@ -9,7 +9,9 @@ it keeps no LoRA slots and does not import GGUF blocks (a GGUF is dequantized fi
 
 from __future__ import annotations
 
+import logging
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +31,10 @@ def export_via_optimum(source: Path, ckpt: Checkpoint, opts: BuildOptions, folde
         raise ExportError("--via optimum keeps no LoRA slots; use the default builder for --lora-slots")
     work = folder / ".optimum"
     hf = source if source.is_dir() and not opts.deltas else _hf_folder(source, opts, work / "hf")
-    main_export(str(hf), output=str(work / "onnx"), task="text-generation-with-past", do_validation=False,
-                device="cpu")
+    with warnings.catch_warnings():  # torch's tracer warns about every data-dependent branch of transformers
+        warnings.simplefilter("ignore")
+        main_export(str(hf), output=str(work / "onnx"), task="text-generation-with-past", do_validation=False,
+                    device="cpu")
     model = onnx.load(str(work / "onnx" / "model.onnx"))
     kinds = {"optimum": "fp32"}
     if opts.precision == "int4":
@@ -108,6 +112,7 @@ def _quantize(model: onnx.ModelProto, opts: BuildOptions, hf: Path) -> tuple[onn
                                               accuracy_level=opts.accuracy_level)
     quantizer = MatMulNBitsQuantizer(model, block_size=opts.block_size, is_symmetric=symmetric,
                                      accuracy_level=opts.accuracy_level, nodes_to_exclude=exclude, algo_config=config)
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # a line per MatMul otherwise
     quantizer.process()
     model = quantizer.model.model
     count = sum(n.op_type == "MatMulNBits" for n in model.graph.node)
