@@ -9,10 +9,13 @@ Output:  model.onnx + model.onnx.data, tokenizer.json + tokenizer_config.json (c
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
+import sys
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -52,6 +55,7 @@ def export_model(source: str | Path, out: str | Path, opts: BuildOptions, loras:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        save_tokenizer(source, tmp)
         if via == "optimum":
             from .via_optimum import export_via_optimum
 
@@ -62,7 +66,6 @@ def export_model(source: str | Path, out: str | Path, opts: BuildOptions, loras:
             onnx.save_model(model, str(tmp / "model.onnx"))
             del model
             kinds, lora_inputs = builder.weight_kinds, builder.lora_inputs
-        ckpt.save_tokenizer(tmp)
         write_manifest(tmp, ckpt, opts, kinds, lora_inputs, adapters, out.name, via)
         log(f"exported {Path(source).name} -> {out} in {time.time() - t0:.1f}s "
             f"({_size_mb(tmp):.1f} MB, weights: {dict(Counter(kinds.values()))})")
@@ -86,6 +89,24 @@ def export_model(source: str | Path, out: str | Path, opts: BuildOptions, loras:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def save_tokenizer(source: str | Path, folder: Path) -> None:
+    """tokenizer.json + tokenizer_config.json, converted by transformers.
+
+    transformers (and torch, which it imports) add ~500 MB that Python never gives back: unless they are
+    loaded already, the conversion runs first, in a child process, so the export's peak memory is the larger
+    of the two steps instead of their sum.
+    """
+    if "transformers" in sys.modules:
+        open_checkpoint(source).save_tokenizer(folder)
+        return
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool.submit(_save_tokenizer_child, str(source), str(folder)).result()
+
+
+def _save_tokenizer_child(source: str, folder: str) -> None:
+    open_checkpoint(source).save_tokenizer(Path(folder))
 
 
 def write_manifest(folder: Path, ckpt, opts: BuildOptions, weight_kinds: dict[str, str], lora_inputs: list[dict],

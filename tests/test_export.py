@@ -231,6 +231,15 @@ def test_cli_export_reports_error(tmp_path):
     assert r.returncode == 1 and "error: source not found" in r.stderr
 
 
+def test_cli_export_in_a_fresh_process_converts_the_tokenizer_apart(tiny, tmp_path):
+    """Without transformers loaded, the tokenizer is converted in a child process (lower peak memory)."""
+    r = subprocess.run([sys.executable, "-m", "edge.cli", "export", str(tiny), "-o", str(tmp_path / "o"),
+                        "--no-verify", "--max-length", "64"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert Generator(tmp_path / "o").generate("The capital", max_tokens=4).tokens
+    assert json.loads((tmp_path / "o" / "tokenizer_config.json").read_text())["eos_token"] == "<|im_end|>"
+
+
 @pytest.mark.slow
 def test_q4_0_gguf_blocks_are_imported_exactly(smollm2_gguf, tmp_path):
     """A small random Q4_0 GGUF (untied Q8_0 output): every block kept as it is, and the int4 graph
