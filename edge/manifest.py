@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MANIFEST = "nomoat.json"
+VERIFIED = ".nomoat-verified.json"  # size and mtime of each file when its sha256 last matched
 FORMAT_VERSION = 1
 
 
@@ -93,10 +94,32 @@ def read_manifest(folder: str | Path, verify_files: bool = True) -> Manifest:
                          "upgrade nomoat on this device")
     m = Manifest(folder, data)
     if verify_files:
-        for name, digest in data["files"].items():
-            f = folder / name
-            if not f.is_file():
-                raise ModelError(f"{folder}: file {name} is missing")
-            if sha256_file(f) != digest:
-                raise ModelError(f"{folder}: file {name} is corrupt (sha256 mismatch); re-copy or re-export it")
+        verify_files_of(folder, data["files"])
     return m
+
+
+def verify_files_of(folder: Path, files: dict[str, str]) -> None:
+    """Check every file's sha256 against the manifest; a file whose size and mtime are those it had when it last
+    matched is not hashed again (.nomoat-verified.json), so loads stay fast while a truncated, replaced or
+    re-copied file is still caught."""
+    stamp_file = folder / VERIFIED
+    try:
+        stamps = json.loads(stamp_file.read_text())
+    except (OSError, ValueError):
+        stamps = {}
+    fresh = {}
+    for name, digest in files.items():
+        f = folder / name
+        if not f.is_file():
+            raise ModelError(f"{folder}: file {name} is missing")
+        st = f.stat()
+        fresh[name] = [st.st_size, st.st_mtime_ns, digest]
+        if stamps.get(name) != fresh[name] and sha256_file(f) != digest:
+            raise ModelError(f"{folder}: file {name} is corrupt (sha256 mismatch); re-copy or re-export it")
+    if fresh != stamps:
+        try:
+            tmp = stamp_file.with_name(stamp_file.name + ".tmp")
+            tmp.write_text(json.dumps(fresh))
+            tmp.replace(stamp_file)
+        except OSError:
+            pass  # a read-only model folder: every load hashes

@@ -194,6 +194,23 @@ def test_bad_inputs(tmp_path, int4, slots, packed, exported, tiny_tied):
     (corrupt / "model.onnx.data").write_bytes(bytes(data))
     with pytest.raises(ModelError, match="model.onnx.data is corrupt"):
         Generator(corrupt)
+    # a verified file is not hashed again while its size and mtime stay; a changed one is
+    import edge.manifest as manifest_module
+
+    checked = tmp_path / "checked"
+    shutil.copytree(int4, checked)
+    Generator(checked)
+    hashed = []
+    real = manifest_module.sha256_file
+    manifest_module.sha256_file = lambda f: hashed.append(f.name) or real(f)
+    try:
+        Generator(checked)
+        assert hashed == []
+        (checked / "tokenizer.json").write_bytes((checked / "tokenizer.json").read_bytes())  # new mtime
+        Generator(checked)
+        assert hashed == ["tokenizer.json"]
+    finally:
+        manifest_module.sha256_file = real
     newer = tmp_path / "newer"
     shutil.copytree(int4, newer)
     m = json.loads((newer / "nomoat.json").read_text())
