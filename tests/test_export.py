@@ -145,6 +145,8 @@ def test_via_optimum_gptq_calibrates_and_stays_close(tiny, exported):
 def test_via_optimum_refuses_lora_slots_and_builder_refuses_gptq(tiny, tmp_path):
     with pytest.raises(ExportError, match="keeps no LoRA slots"):
         export(tiny, tmp_path / "x", via="optimum", lora_rank=4)
+    with pytest.raises(ExportError, match="kv-dtype float16 needs the builder"):
+        export(tiny, tmp_path / "x", via="optimum", kv_dtype="float16")
     with pytest.raises(ExportError, match="gptq needs --via optimum"):
         export(tiny, tmp_path / "x", quant_method="gptq")
     assert not (tmp_path / "x").exists()
