@@ -22,6 +22,7 @@ from .manifest import Manifest, ModelError, read_manifest
 from .profile import Profile
 
 log = logging.getLogger("nomoat.model")
+MAX_CACHED_GRAPHS = 4  # optimized graphs kept in a profile's optimized_model_cache (~2x a model's size each)
 
 _LEVELS = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -133,21 +134,17 @@ class Model:
                 shutil.rmtree(stale, ignore_errors=True)
             cache.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache))
-            tmp.chmod(0o755)
-            build = ort.SessionOptions()
-            build.log_severity_level = 3
-            build.graph_optimization_level = so.graph_optimization_level
-            build.optimized_model_filepath = str(tmp / "model.onnx")
-            build.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                           "model.onnx.data")
-            build.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
-                                           "1024")
-            build.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
-            ort.InferenceSession(str(graph), build, providers=["CPUExecutionProvider"])
             try:
+                tmp.chmod(0o755)
+                _write_prepacked_graph(graph, tmp / "model.onnx", so.graph_optimization_level)
                 tmp.rename(target)
-            except OSError:  # another process made it first
+            except Exception as e:  # a full disk, or another process that made it first
                 shutil.rmtree(tmp, ignore_errors=True)
+                if not (target / "model.onnx").exists():
+                    raise OSError(f"could not write {target}: {str(e).splitlines()[0]}") from e
+            kept = [f for f in cache.iterdir() if not f.name.startswith(".")]  # not other processes' temps
+            for old in sorted(kept, key=lambda f: f.stat().st_mtime)[:-MAX_CACHED_GRAPHS]:
+                shutil.rmtree(old, ignore_errors=True)  # graphs of models no longer loaded here, oldest first
             log.info("wrote the optimized graph with prepacked weights to %s", target)
         return target / "model.onnx"
 
@@ -168,6 +165,18 @@ class Model:
     @property
     def providers(self) -> list[str]:
         return self.session.get_providers()
+
+
+def _write_prepacked_graph(graph: Path, out: Path, level: ort.GraphOptimizationLevel) -> None:
+    """Let onnxruntime optimize `graph` for this CPU and save it with the prepacked weights as external data."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = level
+    so.optimized_model_filepath = str(out)
+    so.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{out.name}.data")
+    so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    so.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
+    ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
 
 
 def default_threads() -> int:
