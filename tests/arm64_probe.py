@@ -1,6 +1,6 @@
 """Runs inside emulated aarch64 (and on the host, for the reference): greedy tokens and prefill logits as JSON.
 
-    python arm64_probe.py INT4_MODEL SLOTS_MODEL ADAPTER_FILE
+    python arm64_probe.py INT4_MODEL SLOTS_MODEL ADAPTER_FILE KV16_MODEL
 
 Only the installed `edge` package is used (the test runs this file from a folder outside the checkout).
 """
@@ -17,7 +17,7 @@ from edge.profile import Profile
 PROMPT = "The capital of France is"
 
 
-def main(int4_model: str, slots_model: str, adapter: str) -> dict:
+def main(int4_model: str, slots_model: str, adapter: str, kv16_model: str) -> dict:
     device = inspect_device()
     out: dict = {"machine": platform.machine(), "onnxruntime": onnxruntime.__version__, "cpu": device.cpu,
                  "fitting_profiles": fitting_profiles(device)}
@@ -30,8 +30,11 @@ def main(int4_model: str, slots_model: str, adapter: str) -> dict:
     name = g.load_adapter(adapter)
     out["adapter"] = g.generate(PROMPT, max_tokens=8, adapters=((name, 1.0),)).tokens
     out["off"] = g.generate(PROMPT, max_tokens=8).tokens
+    # half-precision KV cache (fp16 attention) with the prompt fed in chunks of 2
+    g = Generator(kv16_model, Profile(accuracy_level=1, threads=1, prefill_chunk=2))
+    out["kv16"] = g.generate(PROMPT, max_tokens=8).tokens
     return out
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(*sys.argv[1:4])))
+    print(json.dumps(main(*sys.argv[1:5])))

@@ -63,7 +63,8 @@ def models(tiny, adapters, tmp_path_factory) -> list[str]:
     int4 = export(tiny, root / "int4")  # accuracy level 4 recorded; the probe runs levels 1 and 4
     slots = export(tiny, root / "int4-slots", lora_rank=8)
     pack_adapter(adapters[0], slots, root / "a1.onnx_adapter")
-    return [str(int4), str(slots), str(root / "a1.onnx_adapter")]
+    kv16 = export(tiny, root / "int4-kv16", kv_dtype="float16")
+    return [str(int4), str(slots), str(root / "a1.onnx_adapter"), str(kv16)]
 
 
 def probe(cmd: list[str], models: list[str], cwd: Path, env: dict | None = None) -> dict:
@@ -107,3 +108,6 @@ def test_runtime_on_aarch64_matches_x86(arm64, models, host, cpu, dotprod, board
     # Hot-swapped adapter: changes the output exactly as on x86; switching it off restores the base.
     assert arm["adapter"] == host["adapter"] != host["base"]
     assert arm["base"] == arm["off"] == host["base"]
+
+    # fp16 KV cache and chunked prefill: the x86 tokens
+    assert arm["kv16"] == host["kv16"]
