@@ -20,7 +20,20 @@ from conftest import ROOT, export
 from export.packing import pack_adapter
 
 pytestmark = [pytest.mark.arm64, pytest.mark.slow]
-TOOLS = Path(os.environ.get("NOMOAT_ARM64_TOOLS", ROOT.parent / "shared" / "tools" / "arm64"))
+def _find_tools() -> Path:
+    """NOMOAT_ARM64_TOOLS, else ../shared/tools/arm64 beside this checkout, else beside the checkout it was
+    cloned from (a clean clone in /tmp for a CI rehearsal has no ../shared of its own)."""
+    if os.environ.get("NOMOAT_ARM64_TOOLS"):
+        return Path(os.environ["NOMOAT_ARM64_TOOLS"])
+    candidates = [ROOT.parent / "shared" / "tools" / "arm64"]
+    origin = subprocess.run(["git", "-C", str(ROOT), "config", "--get", "remote.origin.url"],
+                            capture_output=True, text=True).stdout.strip()
+    if origin and Path(origin).is_dir():
+        candidates.append(Path(origin).resolve().parent / "shared" / "tools" / "arm64")
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+TOOLS = _find_tools()
 PROBE = Path(__file__).with_name("arm64_probe.py")
 # int8 activations: x86 (AVX2/VNNI) and ARM (dotprod) quantize activations with different kernels, so the
 # logits differ by a few hundredths (the shared tool's MatMulNBits check allows 0.056 on one layer).
