@@ -66,12 +66,16 @@ def publish_all(settings: MqttSettings, messages: list[tuple[str, bytes]], retai
         reason = connected.get(timeout=timeout)
         if reason.is_failure:
             raise ConnectionError(f"broker refused the connection: {reason}")
-        infos = [client.publish(topic, payload, qos=1, retain=retain) for topic, payload in messages]
-        for info in infos:
-            info.wait_for_publish(timeout)
+        _publish_acknowledged(client, messages, retain, timeout)
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def _publish_acknowledged(client, messages: list[tuple[str, bytes]], retain: bool, timeout: float) -> None:
+    infos = [client.publish(topic, payload, qos=1, retain=retain) for topic, payload in messages]
+    for info in infos:
+        info.wait_for_publish(timeout)
 
 
 def push_and_watch(settings: MqttSettings, messages: list[tuple[str, bytes]], name: str, version: int,
@@ -84,7 +88,8 @@ def push_and_watch(settings: MqttSettings, messages: list[tuple[str, bytes]], na
 
     client = make_client(settings, f"nomoat-op-{uuid.uuid4().hex[:8]}", persistent=False)
     inbox: queue.Queue = queue.Queue()
-    client.on_connect = lambda c, u, f, r, p: c.subscribe(f"{settings.prefix}/{settings.fleet}/+/events", qos=1)
+    events = Topics(settings.prefix, settings.fleet, "+").events  # every device's events
+    client.on_connect = lambda c, u, f, r, p: c.subscribe(events, qos=1)
     client.on_subscribe = lambda c, u, mid, reasons, p: inbox.put("subscribed")
 
     def on_message(c, u, msg):
@@ -101,9 +106,7 @@ def push_and_watch(settings: MqttSettings, messages: list[tuple[str, bytes]], na
         if inbox.get(timeout=30) != "subscribed":
             raise ConnectionError("could not subscribe to the fleet's events")
         start = time.perf_counter()
-        infos = [client.publish(topic, payload, qos=1, retain=True) for topic, payload in messages]
-        for info in infos:
-            info.wait_for_publish(timeout)
+        _publish_acknowledged(client, messages, True, timeout)
         while len(results) < devices:
             left = start + timeout - time.perf_counter()
             try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .sources import QuantBlocks, pack_nibbles
+from .sources import QuantBlocks, pack_nibbles, unpack_nibbles
 
 METHODS = ("rtn", "rtn-asym", "k_quant", "hqq")
 
@@ -65,10 +65,7 @@ def quantize_weight(weight: np.ndarray, bits: int = 4, block_size: int = 32, met
 
 def _unpack_zero_points(zp: np.ndarray, n: int, nb: int) -> np.ndarray:
     """onnxruntime packs two 4-bit zero points per byte, rows padded to whole bytes."""
-    zp = zp.reshape(n, -1)
-    out = np.empty((n, zp.shape[1] * 2), np.uint8)
-    out[:, 0::2], out[:, 1::2] = zp & 0x0F, zp >> 4
-    return out[:, :nb]
+    return unpack_nibbles(zp.reshape(n, -1))[:, :nb]
 
 
 def pack_zero_points(zero_points: np.ndarray) -> np.ndarray:
@@ -76,7 +73,7 @@ def pack_zero_points(zero_points: np.ndarray) -> np.ndarray:
     n, nb = zero_points.shape
     padded = np.zeros((n, nb + nb % 2), np.uint8)
     padded[:, :nb] = zero_points
-    return (padded[:, 0::2] | (padded[:, 1::2] << 4)).reshape(-1)
+    return pack_nibbles(padded).reshape(-1)
 
 
 def max_error(weight: np.ndarray, blocks: QuantBlocks) -> float:
