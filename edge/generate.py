@@ -50,18 +50,26 @@ class Generator:
         self._one_token = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1), np.int64))
         self._past: dict[str, np.ndarray] = {}  # optimum's graphs only
         self._binding = self.model.session.io_binding()
+        self._prefill_binding: ort.IOBinding | None = None
         if not self.manifest.shared_kv:
             return
-        for buf, (past, present) in zip(self.model.kv, self.model.kv_names, strict=True):
-            self._binding.bind_ortvalue_input(past, buf)
-            self._binding.bind_ortvalue_output(present, buf)
         self._logits = ort.OrtValue.ortvalue_from_shape_and_type([1, 1, self.vocab], np.float32, "cpu", 0)
-        self._binding.bind_ortvalue_output("logits", self._logits)
         self._seqlens = ort.OrtValue.ortvalue_from_numpy(np.zeros(1, np.int32))
         self._total = ort.OrtValue.ortvalue_from_numpy(np.array(0, np.int32))
-        self._binding.bind_ortvalue_input("seqlens_k", self._seqlens)
-        self._binding.bind_ortvalue_input("total_sequence_length", self._total)
+        # the prefill session (profile.prefill_accuracy_level) writes the same KV buffers
+        self._prefill_binding = self.model.prefill_session.io_binding() if self.model.prefill_session else None
+        for binding in self._bindings:
+            for buf, (past, present) in zip(self.model.kv, self.model.kv_names, strict=True):
+                binding.bind_ortvalue_input(past, buf)
+                binding.bind_ortvalue_output(present, buf)
+            binding.bind_ortvalue_output("logits", self._logits)
+            binding.bind_ortvalue_input("seqlens_k", self._seqlens)
+            binding.bind_ortvalue_input("total_sequence_length", self._total)
         self.select_adapters(())
+
+    @property
+    def _bindings(self) -> list[ort.IOBinding]:
+        return [self._binding] + ([self._prefill_binding] if self._prefill_binding else [])
 
     # ---- adapters --------------------------------------------------------------------------
     def load_adapter(self, path: str | Path, name: str | None = None) -> str:
@@ -77,18 +85,22 @@ class Generator:
             return
         try:
             for name, value in self.adapters.inputs(tuple(selection)).items():
-                self._binding.bind_ortvalue_input(name, value)
+                for binding in self._bindings:
+                    binding.bind_ortvalue_input(name, value)
         except Exception as e:
             raise GenerationError(str(e)) from e
 
     # ---- the model calls -------------------------------------------------------------------
-    def _forward(self, ids: ort.OrtValue, total: int) -> np.ndarray:
+    def _forward(self, ids: ort.OrtValue, total: int, prefill: bool = False) -> np.ndarray:
         if not self.manifest.shared_kv:
             return self._forward_concat(ids.numpy(), total)
         self._seqlens.update_inplace(np.array([total - 1], np.int32))
         self._total.update_inplace(np.array(total, np.int32))
-        self._binding.bind_ortvalue_input("input_ids", ids)
-        self.model.session.run_with_iobinding(self._binding)
+        session, binding = self.model.session, self._binding
+        if prefill and self._prefill_binding:
+            session, binding = self.model.prefill_session, self._prefill_binding
+        binding.bind_ortvalue_input("input_ids", ids)
+        session.run_with_iobinding(binding)
         return self._logits.numpy()[0, 0]
 
     def _forward_concat(self, ids: np.ndarray, total: int) -> np.ndarray:
@@ -113,9 +125,11 @@ class Generator:
         if not tokens:
             raise GenerationError("empty prompt")
         step = self.model.profile.prefill_chunk or len(tokens)
+        long = len(tokens) >= self.model.profile.prefill_min_tokens  # the prefill session, if there is one
         for start in range(0, len(tokens), step):
             chunk = tokens[start:start + step]
-            logits = self._forward(ort.OrtValue.ortvalue_from_numpy(np.array([chunk], np.int64)), start + len(chunk))
+            ids = ort.OrtValue.ortvalue_from_numpy(np.array([chunk], np.int64))
+            logits = self._forward(ids, start + len(chunk), prefill=long)
         return logits
 
     def decode_one_token(self, token: int, position: int) -> np.ndarray:

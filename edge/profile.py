@@ -53,6 +53,10 @@ class Profile:
     # load writes it): without it the kernels' prepacked copy of the weights lives on the heap.
     optimized_model_cache: str = ""
     accuracy_level: int | None = None  # MatMulNBits: None = as exported, 0/1 fp32 compute, 4 int8
+    # A second session for prompts of prefill_min_tokens+ with the 4-bit layers at this level (x86: 1, whose
+    # fp32 kernels prefill ~30 % faster than the int8 ones that decode fastest); None: one session.
+    prefill_accuracy_level: int | None = None
+    prefill_min_tokens: int = 32
     context_length: int = 2048
     prefill_chunk: int = 128  # feed long prompts in chunks (0: at once): caps peak memory, and no slower
     memory_cap_mb: int = 0  # informative: `nomoat doctor` warns when the model will not fit
@@ -102,10 +106,10 @@ def profile_from_dict(data: dict, where: str = "profile") -> Profile:
             _check(MqttSettings, value, f"{where}: [mqtt]")
             for k, v in value.items():
                 setattr(p.mqtt, k, _typed(v, getattr(MqttSettings(), k), k, f"{where}: [mqtt]"))
-        elif key == "accuracy_level":
+        elif key in ("accuracy_level", "prefill_accuracy_level"):
             if value not in (0, 1, 2, 3, 4):
-                raise ProfileError(f"{where}: accuracy_level must be 0, 1, 2, 3 or 4, got {value!r}")
-            p.accuracy_level = value
+                raise ProfileError(f"{where}: {key} must be 0, 1, 2, 3 or 4, got {value!r}")
+            setattr(p, key, value)
         else:
             setattr(p, key, _typed(value, getattr(Profile(), key), key, where))
     if p.graph_optimization not in _GRAPH_LEVELS:

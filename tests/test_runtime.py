@@ -78,6 +78,65 @@ def test_prepacked_cache_gives_the_same_tokens(int4, tmp_path):
     assert replaced != written
 
 
+def test_another_accuracy_level_writes_nothing_beside_the_model(int4):
+    from edge.profile import Profile
+
+    before = sorted(f.name for f in int4.iterdir())
+    gen = Generator(int4, Profile(accuracy_level=1))  # the graph is changed in memory, not copied
+    assert sorted(f.name for f in int4.iterdir()) == before
+    base = Generator(int4, Profile(accuracy_level=4)).prefill(list(range(10, 30)))
+    changed = gen.prefill(list(range(10, 30)))
+    assert not np.array_equal(changed, base)  # the int8 and fp32 kernels really differ ...
+    np.testing.assert_allclose(changed, base, atol=0.1)  # ... by rounding
+
+
+def test_prefill_session_for_long_prompts(exported, tmp_path):
+    """profile.prefill_accuracy_level: long prompts through a level-1 session writing the same KV cache."""
+    from edge.profile import Profile
+
+    folder = exported("int4-head4", lm_head="int4")  # every layer 4-bit: its prefill session is all level 1
+    short, long = list(range(10, 20)), list(range(10, 60))
+    two = Generator(folder, Profile(prefill_accuracy_level=1, prefill_min_tokens=32, prefill_chunk=16,
+                                    optimized_model_cache=str(tmp_path / "cache")))
+    assert two.model.prefill_session is not None
+    level4, level1 = Generator(folder, Profile(accuracy_level=4)), Generator(folder, Profile(accuracy_level=1))
+    np.testing.assert_array_equal(two.prefill(short), level4.prefill(short))  # short prompts: the main session
+    np.testing.assert_allclose(two.prefill(long), level1.prefill(long), atol=1e-5)
+    # decoding continues in the level-4 session on the cache the level-1 session wrote
+    step = two.decode_one_token(7, len(long))
+    level1.prefill(long)
+    np.testing.assert_allclose(step, level1.decode_one_token(7, len(long)), atol=0.1)
+    assert not np.array_equal(step, level1.decode_one_token(7, len(long)))
+    # both sessions are cached, apart: loading again maps them and gives the same logits
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    again = Generator(folder, Profile(prefill_accuracy_level=1, prefill_min_tokens=32, prefill_chunk=16,
+                                      optimized_model_cache=str(tmp_path / "cache")))
+    np.testing.assert_allclose(again.prefill(long), level1.prefill(long), atol=1e-5)
+    # no second session where it would change nothing: the same level, or no 4-bit layers
+    assert Generator(folder, Profile(prefill_accuracy_level=4)).model.prefill_session is None
+    assert Generator(exported("slots", lora_rank=8, precision="fp32"),
+                     Profile(prefill_accuracy_level=1)).model.prefill_session is None
+
+
+def test_prefill_session_applies_adapters(exported, adapters, tmp_path):
+    from edge.profile import Profile
+
+    folder = exported("int4-slots", lora_rank=8, lm_head="int4")
+    pack_adapter(adapters[0], folder, tmp_path / "a1.onnx_adapter")
+    long = list(range(10, 60))
+    outs = []
+    for profile in (Profile(accuracy_level=1), Profile(prefill_accuracy_level=1, prefill_min_tokens=32)):
+        gen = Generator(folder, profile)
+        gen.load_adapter(tmp_path / "a1.onnx_adapter")
+        gen.select_adapters((("a1", 1.0),))
+        outs.append(gen.prefill(long).copy())
+        gen.select_adapters(())
+        outs.append(gen.prefill(long).copy())
+    assert not np.allclose(outs[0], outs[1], atol=1e-3)  # the adapter matters
+    np.testing.assert_allclose(outs[2], outs[0], atol=1e-4)  # the prefill session gets the adapter's tensors
+    np.testing.assert_allclose(outs[3], outs[1], atol=1e-4)
+
+
 def test_seed_reproducible_and_different_seeds_differ(int4):
     gen = Generator(int4)
     p = SamplingParams(temperature=1.0, top_k=50, top_p=0.95, min_p=0.01, repetition_penalty=1.1, seed=7)

