@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .adapters import AdapterSet, read_adapter
-from .model import Model
+from .model import Model, trim_heap
 from .profile import Profile
 from .sampling import SamplingParams, sample
 from .text import TextDecoder, Tokenizer
@@ -66,6 +66,7 @@ class Generator:
             binding.bind_ortvalue_input("seqlens_k", self._seqlens)
             binding.bind_ortvalue_input("total_sequence_length", self._total)
         self.select_adapters(())
+        trim_heap()
 
     @property
     def _bindings(self) -> list[ort.IOBinding]:

@@ -22,13 +22,13 @@ LLAMA_CPP = r"""
 import json, resource, statistics, sys, time
 import llama_cpp
 from llama_cpp import Llama
-gguf, threads, runs, long_ctx = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-loads, llm = [], None
-for _ in range(min(runs, 3)):
-    llm = None  # free the previous instance first, or the peak RSS counts two models
+gguf, threads, runs, long_ctx, n_ctx = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+def load():
     t = time.perf_counter()
-    llm = Llama(model_path=gguf, n_ctx=2048, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
-    loads.append(time.perf_counter() - t)
+    llm = Llama(model_path=gguf, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
+    return llm, time.perf_counter() - t
+llm, first = load()
+loads = [first]
 def decode(n):
     t = time.perf_counter()
     for _ in range(n):
@@ -40,17 +40,21 @@ for r in range(runs):
     llm.reset(); t = time.perf_counter(); llm.eval(ids); pre.append(128 / (time.perf_counter() - t))
     llm.reset(); llm.eval(ids[:8]); dec.append(decode(128))
     llm.reset(); llm.eval([100 + (i * 53) % 40000 for i in range(long_ctx)]); lng.append(decode(32))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # one load and the work, as for nomoat
+for _ in range(min(runs, 3) - 1):
+    llm = None  # free the previous instance first
+    llm, seconds = load()
+    loads.append(seconds)
 s = lambda v: {"median": round(statistics.median(v), 2), "min": round(min(v), 2), "max": round(max(v), 2)}
-print(json.dumps({"version": llama_cpp.__version__, "load_s": s(loads), "prefill_128_tok_s": s(pre), "decode_128_tok_s": s(dec),
-                  "decode_long_tok_s": s(lng),
-                  "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
+print(json.dumps({"version": llama_cpp.__version__, "load_s": s(loads), "prefill_128_tok_s": s(pre),
+                  "decode_128_tok_s": s(dec), "decode_long_tok_s": s(lng), "peak_rss_mib": round(peak, 1)}))
 """
 
 NOMOAT = r"""
 import json, sys
 from edge.bench import bench_model
 from edge.profile import load_profile
-p = load_profile(sys.argv[5] or None); p.threads = int(sys.argv[2])
+p = load_profile(sys.argv[5] or None); p.threads = int(sys.argv[2]); p.context_length = int(sys.argv[6])
 r = bench_model(sys.argv[1], p, runs=int(sys.argv[3]), long_context=int(sys.argv[4]))
 r["decode_long_tok_s"] = r.pop(next(k for k in r if k.startswith("decode_at_")))
 print(json.dumps(r))
@@ -86,14 +90,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--long-context", type=int, default=1000)
+    ap.add_argument("--context", type=int, default=2048, help="context length (KV cache) of both engines")
     ap.add_argument("--profile", default="")
     ap.add_argument("--llama-python", action="append", default=[],
                     help="a Python with llama-cpp-python installed (default: this one); repeatable")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    results = {"nomoat": run(NOMOAT, a.model, a.threads, a.runs, a.long_context, a.profile)}
+    results = {"nomoat": run(NOMOAT, a.model, a.threads, a.runs, a.long_context, a.profile, a.context)}
     for python in a.llama_python or [sys.executable]:
-        peer = run(LLAMA_CPP, a.gguf, a.threads, a.runs, a.long_context, python=python)
+        peer = run(LLAMA_CPP, a.gguf, a.threads, a.runs, a.long_context, a.context, python=python)
         if peer:
             results[f"llama.cpp {peer['version']}"] = peer
     if len(results) == 1:
@@ -102,17 +107,17 @@ def main() -> None:
         print(json.dumps(results, indent=1))
         return
     engines = [e for e, r in results.items() if r]
-    print(f"threads={a.threads} runs={a.runs} context={a.long_context} (medians)")
+    print(f"threads={a.threads} runs={a.runs} long context={a.long_context} of {a.context} (medians)")
     if results.get("nomoat"):
         from edge.bench import describe_verification
 
         print(f"nomoat fidelity: {describe_verification(results['nomoat'].get('verification'))}")
     peers = engines[1:]
-    print(f"{'':20s}" + "".join(f"{e:>16s}" for e in engines) + "".join(f"{'/' + e:>18s}" for e in peers))
+    print(f"{'':20s}" + "".join(f"{e:>18s}" for e in engines) + "".join(f"{'nomoat / ' + e[10:]:>20s}" for e in peers))
     for key, label, _higher_better in KEYS:
         row = [value(results[e], key) for e in engines]
-        ratios = "".join(f"{f'{row[0] / v:.2f}x' if v else '-':>18s}" for v in row[1:])
-        print(f"{label:20s}" + "".join(f"{v:>16}" for v in row) + ratios)
+        ratios = "".join(f"{f'{row[0] / v:.2f}x' if v else '-':>20s}" for v in row[1:])
+        print(f"{label:20s}" + "".join(f"{v:>18}" for v in row) + ratios)
 
 
 if __name__ == "__main__":
