@@ -31,6 +31,7 @@ def test_expected_profiles_exist():
     ("threads = 2\nthraeds = 4\n", "unknown key 'thraeds'"),
     ("threads = 'four'\n", "threads must be int"),
     ("accuracy_level = 3.5\n", "accuracy_level must be"),
+    ("prefill_accuracy_level = 5\n", "prefill_accuracy_level must be"),
     ("[mqtt]\nbrokr = 'x'\n", "unknown key 'brokr'"),
     ("graph_optimization = 'max'\n", "graph_optimization must be one of"),
     ("threads = [\n", "unreadable profile"),
