@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from conftest import export, write_json
 
@@ -261,6 +262,11 @@ def test_q4_0_gguf_blocks_are_imported_exactly(smollm2_gguf, tmp_path):
     kinds = json.loads((int4 / "nomoat.json").read_text())["quantization"]["weights"]
     assert kinds == {"gguf:Q4_0": 2 * 7 + 1, "gguf:Q8_0": 1}  # layers + embedding, output
     np.testing.assert_allclose(logits_of(int4), logits_of(fp32), atol=1e-3)
+    # GGUF scales are fp16: the file keeps them so (2 bytes per block), the graph casts them back
+    graph = onnx.load(int4 / "model.onnx", load_external_data=False).graph
+    halves = [t for t in graph.initializer if t.name.endswith(".scales.f16")]
+    assert len(halves) == 2 * 4 + 1 + 1 and all(t.data_type == onnx.TensorProto.FLOAT16 for t in halves)
+    assert {n.output[0] for n in graph.node if n.op_type == "Cast"} >= {t.name[:-4] for t in halves}
 
 
 @pytest.mark.slow
