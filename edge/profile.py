@@ -48,7 +48,7 @@ class Profile:
     threads: int = 0  # 0: onnxruntime decides (physical cores)
     arena: bool = True
     memory_pattern: bool = True
-    graph_optimization: str = "all"  # disable | basic | extended | all
+    graph_optimization: str = "all"  # disable | basic | extended | all (basic+ folds the fp16 scale casts)
     # Folder for this device's optimized graph with its prepacked weights in a memory-mapped file (the first
     # load writes it): without it the kernels' prepacked copy of the weights lives on the heap.
     optimized_model_cache: str = ""
