@@ -68,6 +68,7 @@ def bench_model(folder, profile: Profile, runs: int = 5, long_context: int = 100
         "peak_rss_mib": round(peak_rss, 1),
         "providers": providers,
         "accuracy_level": profile.accuracy_level,
+        "prefill_accuracy_level": profile.prefill_accuracy_level,  # a second session for prompts, if set
         "verification": gen.manifest.data.get("verification"),  # the export's agreement with its reference
     }
 
