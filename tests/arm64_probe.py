@@ -1,6 +1,6 @@
 """Runs inside emulated aarch64 (and on the host, for the reference): greedy tokens and prefill logits as JSON.
 
-    python arm64_probe.py INT4_MODEL SLOTS_MODEL ADAPTER_FILE KV16_MODEL
+    python arm64_probe.py INT4_MODEL SLOTS_MODEL ADAPTER_FILE KV16_MODEL GGUF_MODEL
 
 Only the installed `edge` package is used (the test runs this file from a folder outside the checkout).
 """
@@ -17,7 +17,7 @@ from edge.profile import Profile
 PROMPT = "The capital of France is"
 
 
-def main(int4_model: str, slots_model: str, adapter: str, kv16_model: str) -> dict:
+def main(int4_model: str, slots_model: str, adapter: str, kv16_model: str, gguf_model: str) -> dict:
     device = inspect_device()
     out: dict = {"machine": platform.machine(), "onnxruntime": onnxruntime.__version__, "cpu": device.cpu,
                  "fitting_profiles": fitting_profiles(device)}
@@ -33,8 +33,12 @@ def main(int4_model: str, slots_model: str, adapter: str, kv16_model: str) -> di
     # half-precision KV cache (fp16 attention) with the prompt fed in chunks of 2
     g = Generator(kv16_model, Profile(accuracy_level=1, threads=1, prefill_chunk=2))
     out["kv16"] = g.generate(PROMPT, max_tokens=8).tokens
+    # a GGUF import (fp16 block scales cast in the graph, folded at load)
+    g = Generator(gguf_model, Profile(accuracy_level=1, threads=1))
+    out["gguf_logits"] = g.prefill(g.encode(PROMPT)).ravel().tolist()
+    out["gguf_tokens"] = g.generate(PROMPT, max_tokens=8).tokens
     return out
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(*sys.argv[1:5])))
+    print(json.dumps(main(*sys.argv[1:6])))

@@ -71,13 +71,19 @@ def arm64(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def models(tiny, adapters, tmp_path_factory) -> list[str]:
+def models(tiny, adapters, smollm2_gguf, tmp_path_factory) -> list[str]:
     root = tmp_path_factory.mktemp("arm64-models")
     int4 = export(tiny, root / "int4")  # accuracy level 4 recorded; the probe runs levels 1 and 4
     slots = export(tiny, root / "int4-slots", lora_rank=8)
     pack_adapter(adapters[0], slots, root / "a1.onnx_adapter")
     kv16 = export(tiny, root / "int4-kv16", kv_dtype="float16")
-    return [str(int4), str(slots), str(root / "a1.onnx_adapter"), str(kv16)]
+    # a GGUF import, as a Pi user makes one: Q4_0 blocks kept, fp16 block scales cast in the graph
+    sys.path.insert(0, str(ROOT / "tools"))
+    from random_llama_gguf import write_random_llama
+
+    write_random_llama(str(root / "r.gguf"), str(smollm2_gguf), hidden=128, ffn=256, layers=2, heads=4, kv_heads=2)
+    gguf = export(root / "r.gguf", root / "gguf", max_length=64)
+    return [str(int4), str(slots), str(root / "a1.onnx_adapter"), str(kv16), str(gguf)]
 
 
 def probe(cmd: list[str], models: list[str], cwd: Path, env: dict | None = None) -> dict:
@@ -124,3 +130,7 @@ def test_runtime_on_aarch64_matches_x86(arm64, models, host, cpu, dotprod, board
 
     # fp16 KV cache and chunked prefill: the x86 tokens
     assert arm["kv16"] == host["kv16"]
+
+    # the GGUF import (fp16 scales folded at load) on the fp32 path: the x86 tokens and logits
+    assert arm["gguf_tokens"] == host["gguf_tokens"]
+    np.testing.assert_allclose(arm["gguf_logits"], host["gguf_logits"], atol=1e-4)
