@@ -6,7 +6,8 @@ contrib ops do the heavy lifting:
 - MatMulNBits: int4/int8 block-quantized linears (q/k/v fused into one, gate/up into one).
   GGUF Q4_1 blocks (w = d*q + m) run as symmetric MatMulNBits plus a cheap correction:
   sum over blocks of (block-sum of x) * m, one small MatMul shared by the fused linear.
-- GroupQueryAttention: rotary embedding, GQA and the KV cache in one op. The cache is a
+- GroupQueryAttention: rotary embedding, GQA and the KV cache in one op, fed the fused [q | k | v]
+  output as it is (no Split) unless LoRA slots sit on q/k/v. The cache is a
   preallocated [1, kv_heads, max_len, head_dim] buffer that the runtime binds as both past
   and present (shared buffer), so decoding never copies or grows it.
 - SkipSimplifiedLayerNormalization: residual add + RMSNorm.
@@ -145,8 +146,11 @@ class LlamaBuilder:
         return quantize_weight(wf, bits, self.opts.block_size, method)
 
     # ---- blocks --------------------------------------------------------------------------
-    def linear_group(self, x: str, prefix: str, names: list[str], layer: int) -> list[str]:
-        """y_i = x @ W_i^T for weights sharing the input x, fused into one op where they can be."""
+    def linear_group(self, x: str, prefix: str, names: list[str], layer: int, packed: bool = False) -> list[str]:
+        """y_i = x @ W_i^T for weights sharing the input x, fused into one op where they can be.
+
+        packed: return the fused output unsplit ([y_1 | y_2 | ...], one tensor) where the weights fuse and
+        no LoRA slot sits on them; otherwise the separate outputs as usual."""
         ws = [self.weight(f"{prefix}.{n}.weight") for n in names]
         for n, w in zip(names, ws, strict=True):
             self.weight_kinds[f"{prefix}.{n}"] = w.kind if isinstance(w, QuantBlocks) else "fp32"
@@ -157,6 +161,8 @@ class LlamaBuilder:
         if len(ws) > 1 and fusable:
             fused = _concat_weights(ws)
             y = self.matmul(x, fused, f"{prefix}.{'_'.join(n.split('_')[0] for n in names)}")
+            if packed and not (self.opts.lora_rank and set(names) & set(self.opts.lora_targets)):
+                return [y]
             outs = self.g.op("Split", [y, self.g.const(sizes)], n_out=len(ws), axis=-1)
         else:
             outs = [self.matmul(x, w, f"{prefix}.{n}") for n, w in zip(names, ws, strict=True)]
@@ -221,10 +227,12 @@ class LlamaBuilder:
     def attention(self, x: str, i: int) -> str:
         c, g = self.cfg, self.g
         p = f"model.layers.{i}.self_attn"
-        q, k, v = self.linear_group(x, p, ["q_proj", "k_proj", "v_proj"], i)
+        # one [q | k | v] tensor where it can be (GroupQueryAttention splits it itself: no Split node)
+        qkv = self.linear_group(x, p, ["q_proj", "k_proj", "v_proj"], i, packed=True)
         kv_type = TensorProto.FLOAT16 if self.opts.kv_dtype == "float16" else TensorProto.FLOAT
         if kv_type == TensorProto.FLOAT16:  # GroupQueryAttention takes q/k/v in the cache's type
-            q, k, v = (g.op1("Cast", [t], to=kv_type) for t in (q, k, v))
+            qkv = [g.op1("Cast", [t], to=kv_type) for t in qkv]
+        q, k, v = qkv if len(qkv) == 3 else (qkv[0], "", "")
         shape = [1, c.num_kv_heads, "kv_length", c.head_dim]  # the runtime sizes it (<= max_length)
         past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
         for name in past:
