@@ -51,13 +51,16 @@ class Generator:
         self._past: dict[str, np.ndarray] = {}  # optimum's graphs only
         self._binding = self.model.session.io_binding()
         self._prefill_binding: ort.IOBinding | None = None
+        self._bindings = [self._binding]
         if not self.manifest.shared_kv:
             return
         self._logits = ort.OrtValue.ortvalue_from_shape_and_type([1, 1, self.vocab], np.float32, "cpu", 0)
         self._seqlens = ort.OrtValue.ortvalue_from_numpy(np.zeros(1, np.int32))
         self._total = ort.OrtValue.ortvalue_from_numpy(np.array(0, np.int32))
         # the prefill session (profile.prefill_accuracy_level) writes the same KV buffers
-        self._prefill_binding = self.model.prefill_session.io_binding() if self.model.prefill_session else None
+        if self.model.prefill_session:
+            self._prefill_binding = self.model.prefill_session.io_binding()
+            self._bindings.append(self._prefill_binding)
         for binding in self._bindings:
             for buf, (past, present) in zip(self.model.kv, self.model.kv_names, strict=True):
                 binding.bind_ortvalue_input(past, buf)
@@ -67,10 +70,6 @@ class Generator:
             binding.bind_ortvalue_input("total_sequence_length", self._total)
         self.select_adapters(())
         trim_heap()
-
-    @property
-    def _bindings(self) -> list[ort.IOBinding]:
-        return [self._binding] + ([self._prefill_binding] if self._prefill_binding else [])
 
     # ---- adapters --------------------------------------------------------------------------
     def load_adapter(self, path: str | Path, name: str | None = None) -> str:

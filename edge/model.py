@@ -77,46 +77,48 @@ class Model:
         self._graph_file = self.folder / self.manifest.data["graph"]["file"]
         quant = self.manifest.data["quantization"]
         self.exact = quant.get("fidelity") == "exact"
+        self._exported_level = quant["accuracy_level"]
         level = self.profile.accuracy_level
-        if self.exact and level not in (None, quant["accuracy_level"]):
+        if self.exact and level not in (None, self._exported_level):
             log.info("%s was exported for exact fidelity: keeping its accuracy levels, not the profile's %s",
                      self.manifest.name, level)
             level = None
-        self.session = self._session(*self._graph(level))
+        self.level = self._exported_level if level is None else level  # the main session's
+        self.session = self._session("main", *self._graph(self.level))
         self.prefill_session = self._prefill_session()
         self._init_kv()
         self.lora_slots = {s["A"]: s for s in self.manifest.lora["slots"]}
         self.load_seconds = time.perf_counter() - t0
 
-    def _graph(self, level: int | None, bits: int | None = None) -> tuple[str, bytes | None]:
+    def _graph(self, level: int, bits: int | None = None) -> tuple[str, bytes | None]:
         """(cache label, serialized graph) for this accuracy level; None: model.onnx as it is."""
-        exported = self.manifest.data["quantization"]["accuracy_level"]
-        if level is None or level == exported:
-            return f"acc{exported}", None
-        graph, changed = graph_with_level(self._graph_file.read_bytes(), exported, level, bits)
+        if level == self._exported_level:
+            return f"acc{level}", None
+        graph, changed = graph_with_level(self._graph_file.read_bytes(), self._exported_level, level, bits)
         return (f"acc{level}" if bits is None else f"acc{level}-{bits}bit"), graph if changed else None
 
     def _prefill_session(self) -> ort.InferenceSession | None:
         """A second session for long prompts with the 4-bit layers at `prefill_accuracy_level`.
 
         On x86 onnxruntime's fp32 int4 kernels (level 1) beat its int8 ones (level 4) on a 128-token
-        prompt by about 30 %, while level 4 decodes 2-3x faster; the lm_head keeps its level (an 8-bit
-        one has no fast fp32 kernel). The sessions share the KV buffers: only the weights are twice.
+        prompt by about 30 %, while level 4 decodes 2-3x faster; the lm_head keeps the main session's
+        level (an 8-bit one has no fast fp32 kernel). The sessions share the KV buffers: only the weights
+        are twice.
         """
-        p, exported = self.profile, self.manifest.data["quantization"]["accuracy_level"]
-        decode_level = exported if self.exact or p.accuracy_level is None else p.accuracy_level
-        if p.prefill_accuracy_level is None or self.exact or p.prefill_accuracy_level == decode_level:
+        level = self.profile.prefill_accuracy_level
+        if level is None or level == self.level or self.exact:
             return None
         if not self.manifest.shared_kv:
             return None  # optimum's graphs carry the cache through the outputs: one session is simpler
-        label, graph = self._graph(p.prefill_accuracy_level, bits=4)
+        label, graph = self._graph(level, bits=4)
         if graph is None:
-            log.info("no 4-bit layers to switch to accuracy level %s: one session", p.prefill_accuracy_level)
+            log.info("no 4-bit layers to switch to accuracy level %s: one session", level)
             return None
-        graph, _ = graph_with_level(graph, exported, decode_level) if decode_level != exported else (graph, 0)
-        return self._session(f"prefill-{label}-decode-acc{decode_level}", graph)
+        graph, _ = graph_with_level(graph, self._exported_level, self.level)  # the other layers: as the main's
+        return self._session("prefill", f"{label}-decode-acc{self.level}", graph)
 
-    def _session(self, label: str, graph: bytes | None) -> ort.InferenceSession:
+    def _session(self, kind: str, label: str, graph: bytes | None) -> ort.InferenceSession:
+        """kind: "main" or "prefill", one graph cache entry each; label: names the graph within it."""
         p = self.profile
         # a graph from memory finds its weights file in the model folder
         data_folder = self.folder if graph is not None else None
@@ -127,7 +129,7 @@ class Model:
             if p.optimized_model_cache and [name for name, _ in providers] == ["CPUExecutionProvider"]:
                 try:
                     cache = Path(p.optimized_model_cache).expanduser()
-                    source = self._prepacked_graph(label, source, so, cache, data_folder)
+                    source = self._prepacked_graph(kind, label, source, so, cache, data_folder)
                     so = _session_options(p, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, None)  # optimized already
                 except OSError as e:  # a read-only or full disk: load as usual
                     log.warning("no optimized graph cache (%s); loading %s directly", e, self._graph_file.name)
@@ -135,7 +137,7 @@ class Model:
         except Exception as e:  # onnxruntime raises several exception types for a bad model
             raise ModelError(f"onnxruntime could not load {self._graph_file}: {str(e).splitlines()[0]}") from e
 
-    def _prepacked_graph(self, label: str, source: Path | bytes, so: ort.SessionOptions, cache: Path,
+    def _prepacked_graph(self, kind: str, label: str, source: Path | bytes, so: ort.SessionOptions, cache: Path,
                          data_folder: Path | None) -> Path:
         """The optimized graph for this CPU, with the kernels' prepacked weights in its external data file.
 
@@ -149,10 +151,9 @@ class Model:
         model = self.manifest.data["model_hash"][:12]
         key = hashlib.sha256(f"{label} {ort.__version__} {device.machine} {device.cpu} {device.features} "
                              f"{so.graph_optimization_level}".encode()).hexdigest()[:12]
-        session = "prefill" if label.startswith("prefill") else "main"
-        target = cache / f"{model}-{session}-{key}"
+        target = cache / f"{model}-{kind}-{key}"
         if not (target / "model.onnx").exists():
-            for stale in cache.glob(f"{model}-{session}-*"):  # this graph for another version, level or CPU
+            for stale in cache.glob(f"{model}-{kind}-*"):  # this graph for another version, level or CPU
                 shutil.rmtree(stale, ignore_errors=True)
             cache.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache))
