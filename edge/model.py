@@ -174,7 +174,7 @@ class Model:
     def _init_kv(self) -> None:
         shape = list(self.manifest.kv_shape)
         shape[2] = self.max_length
-        dtype = np.float16 if self.manifest.data["kv_cache"]["dtype"] == "float16" else np.float32
+        dtype = {"float16": np.float16, "int8": np.int8}.get(self.manifest.data["kv_cache"]["dtype"], np.float32)
         self.kv_names = []
         self.kv = []
         if not self.manifest.shared_kv:

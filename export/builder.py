@@ -45,7 +45,7 @@ class BuildOptions:
     accuracy_level: int = 4
     lm_head: str = "auto"  # auto | int4 | int8 | fp32
     quant_method: str = "rtn"  # for float weights: rtn | rtn-asym | k_quant | hqq (see quantize.py)
-    kv_dtype: str = "float32"  # float16 halves the KV cache; attention then runs in half precision
+    kv_dtype: str = "float32"  # float16 halves the cache (attention in half precision); int8: see quantize_kv_cache
     fidelity: str = "default"  # exact: accuracy level 1 and an fp32 lm_head (export_model sets them)
     max_length: int = 2048  # rotary table and KV buffer limit
     lora_rank: int = 0  # 0: no LoRA slots
@@ -229,6 +229,7 @@ class LlamaBuilder:
         p = f"model.layers.{i}.self_attn"
         # one [q | k | v] tensor where it can be (GroupQueryAttention splits it itself: no Split node)
         qkv = self.linear_group(x, p, ["q_proj", "k_proj", "v_proj"], i, packed=True)
+        # int8 is built as float32 and turned into int8 once calibrated (quantize_kv_cache)
         kv_type = TensorProto.FLOAT16 if self.opts.kv_dtype == "float16" else TensorProto.FLOAT
         if kv_type == TensorProto.FLOAT16:  # GroupQueryAttention takes q/k/v in the cache's type
             qkv = [g.op1("Cast", [t], to=kv_type) for t in qkv]
@@ -321,6 +322,32 @@ class LlamaBuilder:
             y = g.op1("Gemm", [x2, self.embed_name], name="lm_head", transB=1)
             return g.op1("Reshape", [y, g.const([1, -1, self.cfg.vocab_size])])
         return self.matmul(x, self.embed, "lm_head", shared=self.embed_name)
+
+
+def quantize_kv_cache(model: onnx.ModelProto, k_scales: np.ndarray, v_scales: np.ndarray) -> None:
+    """Turn a built graph's float32 KV cache into int8, in place: GroupQueryAttention stores
+    clip(round(x / scale), -128, 127) per (kv head, channel) and reads x back as q * scale.
+
+    A quarter of the fp32 cache's memory and bandwidth, so long contexts decode faster; the scales are
+    static ([layers, kv_heads, head_dim], calibrated by export/calibrate.py), as onnxruntime's CPU kernel
+    takes them."""
+    graph = model.graph
+    for node in graph.node:
+        if node.op_type != "GroupQueryAttention":
+            continue
+        layer = int(node.name.split(".")[2])  # model.layers.{i}.self_attn.gqa
+        inputs = list(node.input) + [""] * (14 - len(node.input))
+        inputs[12:14] = [f"{node.name}.k_scale", f"{node.name}.v_scale"]  # the op's k_scale / v_scale slots
+        for name, scale in zip(inputs[12:14], (k_scales[layer], v_scales[layer]), strict=True):
+            graph.initializer.append(numpy_helper.from_array(scale[:, None, :].astype(np.float32), name))
+        del node.input[:]
+        node.input.extend(inputs)
+        node.attribute.extend([helper.make_attribute("kv_cache_bit_width", 8),
+                               helper.make_attribute("k_quant_type", "PER_CHANNEL"),
+                               helper.make_attribute("v_quant_type", "PER_CHANNEL")])
+    for value in [*graph.input, *graph.output]:
+        if value.name.startswith(("past_key_values.", "present.")):
+            value.type.tensor_type.elem_type = TensorProto.INT8
 
 
 def _concat_weights(ws: list) -> np.ndarray | QuantBlocks:

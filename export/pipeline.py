@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import onnx
@@ -39,8 +39,8 @@ def export_model(source: str | Path, out: str | Path, opts: BuildOptions, loras:
         opts.accuracy_level, opts.lm_head = 1, "fp32"
     if opts.quant_method == "gptq" and via != "optimum":
         raise ExportError("--quant-method gptq needs --via optimum (its calibration runs through a whole graph)")
-    if opts.kv_dtype not in ("float32", "float16"):
-        raise ExportError(f"--kv-dtype must be float32 or float16, not {opts.kv_dtype!r}")
+    if opts.kv_dtype not in ("float32", "float16", "int8"):
+        raise ExportError(f"--kv-dtype must be float32, float16 or int8, not {opts.kv_dtype!r}")
     for t in opts.lora_targets:
         if t not in TARGETS:
             raise ExportError(f"unknown LoRA target {t!r}; choose from {','.join(TARGETS)}")
@@ -66,7 +66,13 @@ def export_model(source: str | Path, out: str | Path, opts: BuildOptions, loras:
             onnx.save_model(model, str(tmp / "model.onnx"))
             del model
             kinds, lora_inputs = builder.weight_kinds, builder.lora_inputs
-        write_manifest(tmp, ckpt, opts, kinds, lora_inputs, adapters, out.name, via)
+        kv_quantization = None
+        if opts.kv_dtype == "int8":  # built with a float32 cache, run once to calibrate, then rewritten
+            from .calibrate import quantize_kv_cache_of
+
+            write_manifest(tmp, ckpt, replace(opts, kv_dtype="float32"), kinds, lora_inputs, adapters, out.name, via)
+            kv_quantization = quantize_kv_cache_of(tmp)
+        write_manifest(tmp, ckpt, opts, kinds, lora_inputs, adapters, out.name, via, kv_quantization)
         log(f"exported {Path(source).name} -> {out} in {time.time() - t0:.1f}s "
             f"({_size_mb(tmp):.1f} MB, weights: {dict(Counter(kinds.values()))})")
         if verify is None:
@@ -110,11 +116,11 @@ def _save_tokenizer_child(source: str, folder: str) -> None:
 
 
 def write_manifest(folder: Path, ckpt, opts: BuildOptions, weight_kinds: dict[str, str], lora_inputs: list[dict],
-                   adapters, name: str, via: str = "builder") -> None:
+                   adapters, name: str, via: str = "builder", kv_quantization: dict | None = None) -> None:
     optimum = via == "optimum"
     c = ckpt.config
     tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
-    files = {f.name: sha256_file(f) for f in sorted(folder.iterdir()) if f.is_file()}
+    files = {f.name: sha256_file(f) for f in sorted(folder.iterdir()) if f.is_file() and f.name != MANIFEST}
     data = {
         "format": "nomoat-model",
         "format_version": FORMAT_VERSION,
@@ -141,6 +147,7 @@ def write_manifest(folder: Path, ckpt, opts: BuildOptions, weight_kinds: dict[st
             "past": "past_key_values.{layer}.{key|value}",
             "present": "present.{layer}.{key|value}",
             "shared_buffer": not optimum,  # optimum's graphs return past + new (a concatenation)
+            **({"quantization": kv_quantization} if kv_quantization else {}),
         },
         "lora": {
             "rank": opts.lora_rank,

@@ -30,7 +30,7 @@ def export_via_optimum(source: Path, ckpt: Checkpoint, opts: BuildOptions, folde
     if opts.lora_rank:
         raise ExportError("--via optimum keeps no LoRA slots; use the default builder for --lora-slots")
     if opts.kv_dtype != "float32":
-        raise ExportError("--via optimum keeps optimum's float32 KV cache; --kv-dtype float16 needs the builder")
+        raise ExportError("--via optimum keeps optimum's float32 KV cache; --kv-dtype float16 and int8 need the builder")
     work = folder / ".optimum"
     hf = source if source.is_dir() and not opts.deltas else _hf_folder(source, opts, work / "hf")
     with warnings.catch_warnings():  # torch's tracer warns about every data-dependent branch of transformers

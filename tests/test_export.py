@@ -93,6 +93,32 @@ def test_float16_kv_cache_halves_it_and_stays_close(exported):
                                                                                           max_tokens=16).tokens
 
 
+def test_int8_kv_cache_quarters_it_stores_the_calibrated_values_and_stays_close(exported):
+    full, small = exported("fp32-base", precision="fp32"), exported("fp32-kv8", precision="fp32", kv_dtype="int8")
+    kv = json.loads((small / "nomoat.json").read_text())["kv_cache"]
+    assert kv["dtype"] == "int8" and kv["quantization"]["calibration_tokens"] > 100
+    a, b = Generator(full), Generator(small)
+    assert {buf.data_type() for buf in b.model.kv} == {"tensor(int8)"}
+    ids = b.encode("The quick brown fox jumps over the lazy dog, and then it runs away into the forest.")
+    a.prefill(ids)
+    b.prefill(ids)
+    # layer 0's cache (the same float keys and values in both) is the float cache divided by the graph's
+    # per-(head, channel) scales, rounded; every layer's scales use the int8 range
+    scales = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(small / "model.onnx").graph.initializer
+              if t.name.endswith(("k_scale", "v_scale"))}
+    assert len(scales) == len(a.model.kv)  # a key and a value buffer per layer
+    for i, (buf, (_, present)) in enumerate(zip(b.model.kv, b.model.kv_names, strict=True)):
+        layer, part = present.split(".")[1:]
+        scale = scales[f"model.layers.{layer}.self_attn.gqa.{part[0]}_scale"]  # [kv_heads, 1, head_dim]
+        got = buf.numpy()[0, :, :len(ids)]
+        assert np.abs(got).max() > 32
+        if layer == "0":
+            want = np.clip(np.round(a.model.kv[i].numpy()[0, :, :len(ids)] / scale), -128, 127)
+            assert np.abs(got - want).max() <= 1  # rounding ties only
+    agree, kl, _ = compare(logits_of(full), logits_of(small))
+    assert agree >= 0.9 and kl < 0.01, (agree, kl)
+
+
 def test_exact_fidelity_keeps_its_levels_under_any_profile(exported):
     from edge.profile import Profile
 
@@ -146,7 +172,7 @@ def test_via_optimum_gptq_calibrates_and_stays_close(tiny, exported):
 def test_via_optimum_refuses_lora_slots_and_builder_refuses_gptq(tiny, tmp_path):
     with pytest.raises(ExportError, match="keeps no LoRA slots"):
         export(tiny, tmp_path / "x", via="optimum", lora_rank=4)
-    with pytest.raises(ExportError, match="kv-dtype float16 needs the builder"):
+    with pytest.raises(ExportError, match="kv-dtype float16 and int8 need the builder"):
         export(tiny, tmp_path / "x", via="optimum", kv_dtype="float16")
     with pytest.raises(ExportError, match="gptq needs --via optimum"):
         export(tiny, tmp_path / "x", quant_method="gptq")
