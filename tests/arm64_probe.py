@@ -1,6 +1,6 @@
 """Runs inside emulated aarch64 (and on the host, for the reference): greedy tokens and prefill logits as JSON.
 
-    python arm64_probe.py INT4_MODEL SLOTS_MODEL ADAPTER_FILE KV16_MODEL GGUF_MODEL
+    python arm64_probe.py INT4_MODEL SLOTS_MODEL ADAPTER_FILE KV16_MODEL GGUF_MODEL KV8_MODEL
 
 Only the installed `edge` package is used (the test runs this file from a folder outside the checkout).
 """
@@ -17,7 +17,7 @@ from edge.profile import Profile
 PROMPT = "The capital of France is"
 
 
-def main(int4_model: str, slots_model: str, adapter: str, kv16_model: str, gguf_model: str) -> dict:
+def main(int4_model: str, slots_model: str, adapter: str, kv16_model: str, gguf_model: str, kv8_model: str) -> dict:
     device = inspect_device()
     out: dict = {"machine": platform.machine(), "onnxruntime": onnxruntime.__version__, "cpu": device.cpu,
                  "fitting_profiles": fitting_profiles(device)}
@@ -37,8 +37,12 @@ def main(int4_model: str, slots_model: str, adapter: str, kv16_model: str, gguf_
     g = Generator(gguf_model, Profile(accuracy_level=1, threads=1))
     out["gguf_logits"] = g.prefill(g.encode(PROMPT)).ravel().tolist()
     out["gguf_tokens"] = g.generate(PROMPT, max_tokens=8).tokens
+    # int8 KV cache (static per-channel scales)
+    g = Generator(kv8_model, Profile(accuracy_level=1, threads=1))
+    out["kv8_logits"] = g.prefill(g.encode(PROMPT)).ravel().tolist()
+    out["kv8_tokens"] = g.generate(PROMPT, max_tokens=8).tokens
     return out
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(*sys.argv[1:6])))
+    print(json.dumps(main(*sys.argv[1:7])))

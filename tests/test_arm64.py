@@ -83,7 +83,8 @@ def models(tiny, adapters, smollm2_gguf, tmp_path_factory) -> list[str]:
 
     write_random_llama(str(root / "r.gguf"), str(smollm2_gguf), hidden=128, ffn=256, layers=2, heads=4, kv_heads=2)
     gguf = export(root / "r.gguf", root / "gguf", max_length=64)
-    return [str(int4), str(slots), str(root / "a1.onnx_adapter"), str(kv16), str(gguf)]
+    kv8 = export(tiny, root / "int4-kv8", kv_dtype="int8")
+    return [str(int4), str(slots), str(root / "a1.onnx_adapter"), str(kv16), str(gguf), str(kv8)]
 
 
 def probe(cmd: list[str], models: list[str], cwd: Path, env: dict | None = None) -> dict:
@@ -134,3 +135,7 @@ def test_runtime_on_aarch64_matches_x86(arm64, models, host, cpu, dotprod, board
     # the GGUF import (fp16 scales folded at load) on the fp32 path: the x86 tokens and logits
     assert arm["gguf_tokens"] == host["gguf_tokens"]
     np.testing.assert_allclose(arm["gguf_logits"], host["gguf_logits"], atol=1e-4)
+
+    # the int8 KV cache: the x86 tokens; logits equal but for a rounding tie flipping one cached step
+    assert arm["kv8_tokens"] == host["kv8_tokens"]
+    np.testing.assert_allclose(arm["kv8_logits"], host["kv8_logits"], atol=1e-2)

