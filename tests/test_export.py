@@ -13,6 +13,7 @@ import pytest
 from conftest import export, write_json
 
 from edge.adapters import Adapter
+from edge.doctor import model_memory_mb
 from edge.generate import Generator
 from export.lora import load_adapter, slot_tensors
 from export.sources import ExportError
@@ -117,6 +118,10 @@ def test_int8_kv_cache_quarters_it_stores_the_calibrated_values_and_stays_close(
             assert np.abs(got - want).max() <= 1  # rounding ties only
     agree, kl, _ = compare(logits_of(full), logits_of(small))
     assert agree >= 0.9 and kl < 0.01, (agree, kl)
+    # `nomoat doctor`'s estimate counts a quarter of the fp32 cache
+    _, heads, length, dim = b.manifest.kv_shape
+    saved = 2 * b.manifest.num_layers * heads * length * dim * 3 / 2**20
+    assert abs(model_memory_mb(full, length) - model_memory_mb(small, length) - saved) < 0.1
 
 
 def test_exact_fidelity_keeps_its_levels_under_any_profile(exported):
