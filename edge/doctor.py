@@ -102,7 +102,7 @@ def model_memory_mb(model: str | Path, context_length: int) -> float:
     m = read_manifest(model)
     weights = sum(p.stat().st_size for p in m.folder.glob("model.onnx*"))
     _, kv_heads, max_length, head_dim = m.kv_shape
-    width = {"float16": 2, "int8": 1}.get(m.data["kv_cache"]["dtype"], 4)
+    width = {"float32": 4, "float16": 2, "int8": 1}[m.kv_dtype]
     kv = 2 * m.num_layers * kv_heads * min(context_length, max_length) * head_dim * width
     return round((weights + kv) / 2**20, 1)
 

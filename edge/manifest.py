@@ -13,6 +13,7 @@ from pathlib import Path
 MANIFEST = "nomoat.json"
 VERIFIED = ".nomoat-verified.json"  # size and mtime of each file when its sha256 last matched
 FORMAT_VERSION = 1
+KV_DTYPES = ("float32", "float16", "int8")  # what the runtime can allocate and bind
 
 
 class ModelError(Exception):
@@ -61,6 +62,10 @@ class Manifest:
         return self.data["kv_cache"]["shape"]
 
     @property
+    def kv_dtype(self) -> str:
+        return self.data["kv_cache"].get("dtype", "float32")
+
+    @property
     def eos_token_ids(self) -> list[int]:
         return self.data["eos_token_ids"]
 
@@ -93,6 +98,9 @@ def read_manifest(folder: str | Path, verify_files: bool = True) -> Manifest:
         raise ModelError(f"{path} has format version {version}, this runtime reads up to {FORMAT_VERSION}: "
                          "upgrade nomoat on this device")
     m = Manifest(folder, data)
+    if m.kv_dtype not in KV_DTYPES:
+        raise ModelError(f"{path}: its KV cache is {m.kv_dtype}, this runtime knows {', '.join(KV_DTYPES)}: "
+                         "upgrade nomoat on this device")
     if verify_files:
         verify_files_of(folder, data["files"])
     return m

@@ -174,7 +174,7 @@ class Model:
     def _init_kv(self) -> None:
         shape = list(self.manifest.kv_shape)
         shape[2] = self.max_length
-        dtype = {"float16": np.float16, "int8": np.int8}.get(self.manifest.data["kv_cache"]["dtype"], np.float32)
+        dtype = {"float32": np.float32, "float16": np.float16, "int8": np.int8}[self.manifest.kv_dtype]
         self.kv_names = []
         self.kv = []
         if not self.manifest.shared_kv:

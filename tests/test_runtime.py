@@ -277,6 +277,10 @@ def test_bad_inputs(tmp_path, int4, slots, packed, exported, tiny_tied):
     (newer / "nomoat.json").write_text(json.dumps(m))
     with pytest.raises(ModelError, match="format version 99"):
         Generator(newer)
+    m["format_version"], m["kv_cache"]["dtype"] = 1, "int4"  # a cache type from a newer exporter
+    (newer / "nomoat.json").write_text(json.dumps(m))
+    with pytest.raises(ModelError, match="KV cache is int4, this runtime knows float32, float16, int8"):
+        Generator(newer)
     gen = Generator(slots)
     with pytest.raises(GenerationError, match="context limit is 256"):
         gen.generate(list(range(3, 300)), max_tokens=4)
