@@ -200,6 +200,17 @@ def test_adapter_changes_output_and_off_restores_base(slots, packed):
     np.testing.assert_array_equal(runtime_logits(gen, ids), runtime_logits(Generator(slots), ids))
 
 
+def test_adapters_with_an_int8_kv_cache(exported, adapters, tmp_path):
+    """LoRA slots and an int8 cache together: calibrated with no adapter, switched like any other."""
+    folder = exported("slots-kv8", lora_rank=8, precision="fp32", kv_dtype="int8")
+    pack_adapter(adapters[0], folder, tmp_path / "a1.onnx_adapter")
+    gen = Generator(folder)
+    base = gen.generate("The capital", max_tokens=16).tokens
+    gen.load_adapter(tmp_path / "a1.onnx_adapter")
+    assert gen.generate("The capital", max_tokens=16, adapters=(("a1", 1.0),)).tokens != base
+    assert gen.generate("The capital", max_tokens=16).tokens == base
+
+
 def test_two_stacked_adapters_equal_merged_export(slots, packed, adapters, exported):
     from export.verify import runtime_logits
 
