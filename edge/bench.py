@@ -69,12 +69,15 @@ def bench_model(folder, profile: Profile, runs: int = 5, long_context: int = 100
         "providers": providers,
         "accuracy_level": profile.accuracy_level,
         "prefill_accuracy_level": profile.prefill_accuracy_level,  # a second session for prompts, if set
+        "kv_dtype": gen.manifest.kv_dtype,
+        "context_length": gen.model.max_length,
         "verification": gen.manifest.data.get("verification"),  # the export's agreement with its reference
     }
 
 
 def format_table(report: dict) -> str:
-    lines = [f"{report['model']}  (threads={report['threads'] or 'auto'}, providers={report['providers']})"]
+    lines = [f"{report['model']}  (threads={report['threads'] or 'auto'}, providers={report['providers']}, "
+             f"{report['kv_dtype']} KV cache of {report['context_length']} tokens)"]
     for key, value in report.items():
         if isinstance(value, dict) and "median" in value:
             lines.append(f"  {key:24s} median {value['median']:>8}  min {value['min']:>8}  max {value['max']:>8}")
