@@ -347,13 +347,15 @@ def test_cli_bench_reports_every_figure(int4):
 
 
 def test_bench_peers_without_a_peer_reports_nomoat(int4, tmp_path):
-    """tools/bench_peers.py: a llama.cpp that cannot run is reported and skipped, nomoat's figures remain."""
+    """tools/bench_peers.py: a llama.cpp or onnxruntime-genai that cannot run is reported and skipped, nomoat's
+    figures remain."""
     from conftest import ROOT
 
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_peers.py"), "--model", str(int4),
                            "--gguf", str(tmp_path / "none.gguf"), "--runs", "1", "--long-context", "64",
-                           "--llama-python", str(tmp_path / "no-python")], capture_output=True, text=True)
+                           "--llama-python", str(tmp_path / "no-python"), "--genai-model", str(tmp_path / "none"),
+                           "--genai-python", str(tmp_path / "no-python")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "engine failed" in done.stderr and "nomoat only" in done.stderr
+    assert done.stderr.count("engine failed") == 2 and "nomoat only" in done.stderr
     rows = {line.split("  ")[0]: line for line in done.stdout.splitlines()}
     assert float(rows["decode 128 tok/s"].split()[-1]) > 0 and float(rows["peak RSS MiB"].split()[-1]) > 0

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""nomoat next to llama.cpp (llama-cpp-python) on the same SmolLM2 GGUF, same threads, in one run.
+"""nomoat next to llama.cpp (llama-cpp-python) on the same SmolLM2 GGUF, and onnxruntime-genai, same threads, in one run.
 
 Each engine runs in its own process (so peak RSS is its own) and reports the figures of
 `nomoat bench`: load, prefill 128, decode 128, decode at ~1000 context, peak RSS.
@@ -10,7 +10,13 @@ Each engine runs in its own process (so peak RSS is its own) and reports the fig
 `--llama-python PY` (repeatable) runs llama.cpp from other interpreters too, e.g. a venv with
 another llama-cpp-python version: builds differ a lot (see the README's table). `--model` is
 repeatable too (e.g. the default export and an `--kv-dtype int8` one): every nomoat model gets a
-ratio against every llama.cpp.
+ratio against every peer.
+
+`--genai-model DIR` adds onnxruntime-genai on a folder made by its own model builder (it re-quantizes
+the float weights), e.g. `python -m onnxruntime_genai.models.builder -m HuggingFaceTB/SmolLM2-135M-Instruct
+-i .cache/smollm2-hf -o .cache/genai-smollm2 -p int4 -e cpu`, run from `--genai-python PY` (a venv with
+onnxruntime-genai; default: this one). Every engine feeds the same kind of steps: a 128-token prompt,
+then one given token at a time (llama.cpp's `eval([t])`, genai's `append_tokens([t])`).
 """
 
 from __future__ import annotations
@@ -50,6 +56,44 @@ for _ in range(min(runs, 3) - 1):
     loads.append(seconds)
 s = lambda v: {"median": round(statistics.median(v), 2), "min": round(min(v), 2), "max": round(max(v), 2)}
 print(json.dumps({"version": llama_cpp.__version__, "load_s": s(loads), "prefill_128_tok_s": s(pre),
+                  "decode_128_tok_s": s(dec), "decode_long_tok_s": s(lng), "peak_rss_mib": round(peak, 1)}))
+"""
+
+GENAI = r"""
+import json, resource, statistics, sys, time
+import onnxruntime_genai as og
+folder, threads, runs, long_ctx, n_ctx = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+def load():
+    t = time.perf_counter()
+    config = og.Config(folder)
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    model = og.Model(config)
+    return model, time.perf_counter() - t
+model, first = load()
+loads = [first]
+def generator():
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=n_ctx)
+    return og.Generator(model, params)
+def decode(g, n):
+    t = time.perf_counter()
+    for _ in range(n):
+        g.append_tokens([1000])
+    return n / (time.perf_counter() - t)
+pre, dec, lng = [], [], []
+for r in range(runs):
+    ids = [100 + (i * 37 + r) % 40000 for i in range(128)]
+    g = generator(); t = time.perf_counter(); g.append_tokens(ids); pre.append(128 / (time.perf_counter() - t))
+    g = None; g = generator(); g.append_tokens(ids[:8]); dec.append(decode(g, 128))
+    g = None; g = generator(); g.append_tokens([100 + (i * 53) % 40000 for i in range(long_ctx)]); lng.append(decode(g, 32))
+    g = None
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+for _ in range(min(runs, 3) - 1):
+    model = None
+    model, seconds = load()
+    loads.append(seconds)
+s = lambda v: {"median": round(statistics.median(v), 2), "min": round(min(v), 2), "max": round(max(v), 2)}
+print(json.dumps({"version": og.__version__, "load_s": s(loads), "prefill_128_tok_s": s(pre),
                   "decode_128_tok_s": s(dec), "decode_long_tok_s": s(lng), "peak_rss_mib": round(peak, 1)}))
 """
 
@@ -97,6 +141,8 @@ def main() -> None:
     ap.add_argument("--profile", default="")
     ap.add_argument("--llama-python", action="append", default=[],
                     help="a Python with llama-cpp-python installed (default: this one); repeatable")
+    ap.add_argument("--genai-model", help="an onnxruntime-genai model folder (its builder's output)")
+    ap.add_argument("--genai-python", default=sys.executable, help="a Python with onnxruntime-genai installed")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     label = (lambda m: "nomoat") if len(a.model) == 1 else (lambda m: f"nomoat {Path(m).name}")
@@ -106,8 +152,12 @@ def main() -> None:
         peer = run(LLAMA_CPP, a.gguf, a.threads, a.runs, a.long_context, a.context, python=python)
         if peer:
             results[f"llama.cpp {peer['version']}"] = peer
+    if a.genai_model:
+        peer = run(GENAI, a.genai_model, a.threads, a.runs, a.long_context, a.context, python=a.genai_python)
+        if peer:
+            results[f"onnxruntime-genai {peer['version']}"] = peer
     if len(results) == len(ours):
-        print("no llama-cpp-python ran: nomoat only", file=sys.stderr)
+        print("no peer ran: nomoat only", file=sys.stderr)
     if a.json:
         print(json.dumps(results, indent=1))
         return
@@ -118,10 +168,11 @@ def main() -> None:
         if results[e]:
             print(f"{e} fidelity: {describe_verification(results[e].get('verification'))}")
     engines = [e for e, r in results.items() if r]
+    short = lambda e: e.replace("llama.cpp ", "").replace("onnxruntime-genai ", "genai ")  # noqa: E731
     pairs = [(o, p) for o in engines if o in ours for p in engines if p not in ours]
     width = max([18, *(len(e) + 2 for e in engines)])
     print(f"{'':20s}" + "".join(f"{e:>{width}s}" for e in engines)
-          + "".join(f"{o.replace('nomoat ', '') + ' / ' + p[10:]:>{width + 2}s}" for o, p in pairs))
+          + "".join(f"{o.replace('nomoat ', '') + ' / ' + short(p):>{width + 2}s}" for o, p in pairs))
     for key, label_, _higher_better in KEYS:
         row = {e: value(results[e], key) for e in engines}
         ratios = "".join(f"{f'{row[o] / row[p]:.2f}x' if row[p] else '-':>{width + 2}s}" for o, p in pairs)
