@@ -145,8 +145,8 @@ def main() -> None:
     ap.add_argument("--genai-python", default=sys.executable, help="a Python with onnxruntime-genai installed")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    label = (lambda m: "nomoat") if len(a.model) == 1 else (lambda m: f"nomoat {Path(m).name}")
-    results = {label(m): run(NOMOAT, m, a.threads, a.runs, a.long_context, a.profile, a.context) for m in a.model}
+    name_of = (lambda m: "nomoat") if len(a.model) == 1 else (lambda m: f"nomoat {Path(m).name}")  # noqa: E731
+    results = {name_of(m): run(NOMOAT, m, a.threads, a.runs, a.long_context, a.profile, a.context) for m in a.model}
     ours = list(results)
     for python in a.llama_python or [sys.executable]:
         peer = run(LLAMA_CPP, a.gguf, a.threads, a.runs, a.long_context, a.context, python=python)
@@ -173,10 +173,10 @@ def main() -> None:
     width = max([18, *(len(e) + 2 for e in engines)])
     print(f"{'':20s}" + "".join(f"{e:>{width}s}" for e in engines)
           + "".join(f"{o.replace('nomoat ', '') + ' / ' + short(p):>{width + 2}s}" for o, p in pairs))
-    for key, label_, _higher_better in KEYS:
+    for key, label, _higher_better in KEYS:
         row = {e: value(results[e], key) for e in engines}
         ratios = "".join(f"{f'{row[o] / row[p]:.2f}x' if row[p] else '-':>{width + 2}s}" for o, p in pairs)
-        print(f"{label_:20s}" + "".join(f"{row[e]:>{width}}" for e in engines) + ratios)
+        print(f"{label:20s}" + "".join(f"{row[e]:>{width}}" for e in engines) + ratios)
 
 
 if __name__ == "__main__":
