@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -359,3 +360,19 @@ def test_bench_peers_without_a_peer_reports_nomoat(int4, tmp_path):
     assert done.stderr.count("engine failed") == 2 and "nomoat only" in done.stderr
     rows = {line.split("  ")[0]: line for line in done.stdout.splitlines()}
     assert float(rows["decode 128 tok/s"].split()[-1]) > 0 and float(rows["peak RSS MiB"].split()[-1]) > 0
+
+
+def test_bench_peers_fidelity_measures_each_engine_against_transformers(slots, int4, tiny, tmp_path):
+    """--fidelity: every nomoat model's teacher-forced agreement with the transformers reference, side by side
+    (the fp32 export is the reference; the int4 one is not)."""
+    from conftest import ROOT
+
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_peers.py"), "--model", str(slots),
+                           "--model", str(int4), "--gguf", str(tiny), "--runs", "1", "--long-context", "64",
+                           "--llama-python", str(tmp_path / "no-python"), "--fidelity"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    pattern = r"^nomoat (\S+) fidelity: top-1 agreement ([\d.]+)%, mean KL (-?[\d.]+)"
+    found = {name: (float(agree), float(kl)) for name, agree, kl in re.findall(pattern, done.stdout, re.M)}
+    assert found[slots.name][0] == 100.0 and abs(found[slots.name][1]) < 1e-4, done.stdout
+    assert found[int4.name][1] > 1e-4, done.stdout

@@ -17,6 +17,11 @@ the float weights), e.g. `python -m onnxruntime_genai.models.builder -m HuggingF
 -i .cache/smollm2-hf -o .cache/genai-smollm2 -p int4 -e cpu`, run from `--genai-python PY` (a venv with
 onnxruntime-genai; default: this one). Every engine feeds the same kind of steps: a 128-token prompt,
 then one given token at a time (llama.cpp's `eval([t])`, genai's `append_tokens([t])`).
+
+`--fidelity` (needs torch + transformers) puts every engine's fidelity next to its speed: teacher-forced
+logits on export/verify.py's passages against transformers on the `--gguf` weights: top-1 agreement and
+mean KL. nomoat and genai are fed token by token (their decode path; genai returns the last position only),
+llama.cpp gets each passage in one batch (its prompt path, `logits_all`).
 """
 
 from __future__ import annotations
@@ -97,6 +102,33 @@ print(json.dumps({"version": og.__version__, "load_s": s(loads), "prefill_128_to
                   "decode_128_tok_s": s(dec), "decode_long_tok_s": s(lng), "peak_rss_mib": round(peak, 1)}))
 """
 
+# --fidelity: teacher-forced logits of a peer on the passages' token ids (a JSON file), saved as .npy
+LLAMA_CPP_LOGITS = r"""
+import json, sys, numpy as np
+from llama_cpp import Llama
+gguf, ids_file, threads, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+llm = Llama(model_path=gguf, n_ctx=512, n_threads=threads, n_threads_batch=threads, logits_all=True, verbose=False)
+rows = []
+for ids in json.load(open(ids_file)):
+    llm.reset(); llm.eval(ids)
+    rows.append(np.array(llm.scores[:len(ids)], np.float32))
+np.save(out, np.concatenate(rows)); print("{}")
+"""
+
+GENAI_LOGITS = r"""
+import json, sys, numpy as np
+import onnxruntime_genai as og
+folder, ids_file, out = sys.argv[1], sys.argv[2], sys.argv[4]
+model = og.Model(folder)
+rows = []
+for ids in json.load(open(ids_file)):
+    params = og.GeneratorParams(model); params.set_search_options(max_length=512)
+    g = og.Generator(model, params)
+    for t in ids:
+        g.append_tokens([t]); rows.append(np.array(g.get_logits(), np.float32).reshape(-1))
+np.save(out, np.stack(rows)); print("{}")
+"""
+
 NOMOAT = r"""
 import json, sys
 from edge.bench import bench_model
@@ -125,6 +157,34 @@ def run(code: str, *args, python: str = sys.executable) -> dict | None:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def fidelity(a, engines: dict[str, tuple[str, str, str]]) -> dict[str, str]:
+    """Engine -> "top-1 agreement, mean KL" against transformers, on export/verify.py's passages."""
+    import tempfile
+
+    import numpy as np
+
+    from edge.generate import Generator
+    from export.verify import PASSAGES, compare, load_reference, reference_logits, runtime_logits
+
+    gen = Generator(a.model[0], verify_files=False)
+    ids = [gen.tokenizer.encode(text)[:64] for text in PASSAGES]
+    reference = load_reference(a.gguf)
+    ref = np.concatenate([reference_logits(reference, i) for i in ids])
+    del reference
+    found = {}
+    describe = lambda out: "top-1 agreement {:.1%}, mean KL {:.4f}".format(*map(abs, compare(ref, out)[:2]))  # noqa: E731
+    for name, folder in zip(engines["nomoat"], a.model, strict=True):
+        gen = Generator(folder, verify_files=False)
+        found[name] = describe(np.concatenate([runtime_logits(gen, i) for i in ids]))
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "ids.json").write_text(json.dumps(ids))
+        for name, (code, target, python) in engines["peers"].items():
+            out = Path(tmp) / "logits.npy"
+            if run(code, target, Path(tmp) / "ids.json", a.threads, out, python=python) is not None:
+                found[name] = describe(np.load(out))
+    return found
+
+
 def value(report: dict, key: str) -> float:
     v = report[key]
     return v["median"] if isinstance(v, dict) else v
@@ -143,19 +203,28 @@ def main() -> None:
                     help="a Python with llama-cpp-python installed (default: this one); repeatable")
     ap.add_argument("--genai-model", help="an onnxruntime-genai model folder (its builder's output)")
     ap.add_argument("--genai-python", default=sys.executable, help="a Python with onnxruntime-genai installed")
+    ap.add_argument("--fidelity", action="store_true",
+                    help="also measure every engine's top-1 agreement and KL against transformers (needs torch)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     name_of = (lambda m: "nomoat") if len(a.model) == 1 else (lambda m: f"nomoat {Path(m).name}")  # noqa: E731
     results = {name_of(m): run(NOMOAT, m, a.threads, a.runs, a.long_context, a.profile, a.context) for m in a.model}
     ours = list(results)
+    logits_of: dict[str, tuple[str, str, str]] = {}  # peer -> how to get its logits, for --fidelity
     for python in a.llama_python or [sys.executable]:
         peer = run(LLAMA_CPP, a.gguf, a.threads, a.runs, a.long_context, a.context, python=python)
         if peer:
             results[f"llama.cpp {peer['version']}"] = peer
+            logits_of[f"llama.cpp {peer['version']}"] = (LLAMA_CPP_LOGITS, a.gguf, python)
     if a.genai_model:
         peer = run(GENAI, a.genai_model, a.threads, a.runs, a.long_context, a.context, python=a.genai_python)
         if peer:
             results[f"onnxruntime-genai {peer['version']}"] = peer
+            logits_of[f"onnxruntime-genai {peer['version']}"] = (GENAI_LOGITS, a.genai_model, a.genai_python)
+    if a.fidelity:
+        for name, text in fidelity(a, {"nomoat": ours, "peers": logits_of}).items():
+            if results.get(name):
+                results[name]["fidelity"] = text
     if len(results) == len(ours):
         print("no peer ran: nomoat only", file=sys.stderr)
     if a.json:
@@ -164,10 +233,12 @@ def main() -> None:
     from edge.bench import describe_verification
 
     print(f"threads={a.threads} runs={a.runs} long context={a.long_context} of {a.context} (medians)")
-    for e in ours:
-        if results[e]:
-            print(f"{e} fidelity: {describe_verification(results[e].get('verification'))}")
     engines = [e for e, r in results.items() if r]
+    for e in engines:
+        if "fidelity" in results[e]:
+            print(f"{e} fidelity: {results[e]['fidelity']}")
+        elif e in ours:
+            print(f"{e} fidelity (recorded at export): {describe_verification(results[e].get('verification'))}")
     short = lambda e: e.replace("llama.cpp ", "").replace("onnxruntime-genai ", "genai ")  # noqa: E731
     pairs = [(o, p) for o in engines if o in ours for p in engines if p not in ours]
     width = max([18, *(len(e) + 2 for e in engines)])
