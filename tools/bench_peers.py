@@ -32,75 +32,72 @@ import subprocess
 import sys
 from pathlib import Path
 
-LLAMA_CPP = r"""
+# The peers' benchmark: each peer script defines VERSION, load(path, threads, n_ctx), start(engine) (a new,
+# empty sequence) and feed(seq, tokens); HARNESS then measures the figures of `nomoat bench` the same way.
+HARNESS = r"""
 import json, resource, statistics, sys, time
-import llama_cpp
-from llama_cpp import Llama
-gguf, threads, runs, long_ctx, n_ctx = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-def load():
+path, threads, runs, long_ctx, n_ctx = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+def timed_load():
     t = time.perf_counter()
-    llm = Llama(model_path=gguf, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
-    return llm, time.perf_counter() - t
-llm, first = load()
+    engine = load(path, threads, n_ctx)
+    return engine, time.perf_counter() - t
+engine, first = timed_load()
 loads = [first]
+seq = None
+def fresh():
+    global seq
+    seq = None  # free the previous sequence (its KV cache) first
+    seq = start(engine)
+    return seq
 def decode(n):
     t = time.perf_counter()
     for _ in range(n):
-        llm.eval([1000])
+        feed(seq, [1000])
     return n / (time.perf_counter() - t)
 pre, dec, lng = [], [], []
 for r in range(runs):
     ids = [100 + (i * 37 + r) % 40000 for i in range(128)]
-    llm.reset(); t = time.perf_counter(); llm.eval(ids); pre.append(128 / (time.perf_counter() - t))
-    llm.reset(); llm.eval(ids[:8]); dec.append(decode(128))
-    llm.reset(); llm.eval([100 + (i * 53) % 40000 for i in range(long_ctx)]); lng.append(decode(32))
+    fresh(); t = time.perf_counter(); feed(seq, ids); pre.append(128 / (time.perf_counter() - t))
+    fresh(); feed(seq, ids[:8]); dec.append(decode(128))
+    fresh(); feed(seq, [100 + (i * 53) % 40000 for i in range(long_ctx)]); lng.append(decode(32))
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # one load and the work, as for nomoat
 for _ in range(min(runs, 3) - 1):
-    llm = None  # free the previous instance first
-    llm, seconds = load()
+    engine = seq = None  # free the previous instance first
+    engine, seconds = timed_load()
     loads.append(seconds)
 s = lambda v: {"median": round(statistics.median(v), 2), "min": round(min(v), 2), "max": round(max(v), 2)}
-print(json.dumps({"version": llama_cpp.__version__, "load_s": s(loads), "prefill_128_tok_s": s(pre),
+print(json.dumps({"version": VERSION, "load_s": s(loads), "prefill_128_tok_s": s(pre),
                   "decode_128_tok_s": s(dec), "decode_long_tok_s": s(lng), "peak_rss_mib": round(peak, 1)}))
 """
 
+LLAMA_CPP = r"""
+import llama_cpp
+from llama_cpp import Llama
+VERSION = llama_cpp.__version__
+def load(path, threads, n_ctx):
+    return Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
+def start(llm):
+    llm.reset()
+    return llm
+def feed(llm, tokens):
+    llm.eval(tokens)
+""" + HARNESS
+
 GENAI = r"""
-import json, resource, statistics, sys, time
+import json
 import onnxruntime_genai as og
-folder, threads, runs, long_ctx, n_ctx = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-def load():
-    t = time.perf_counter()
-    config = og.Config(folder)
+VERSION = og.__version__
+def load(path, threads, n_ctx):
+    config = og.Config(path)
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
-    model = og.Model(config)
-    return model, time.perf_counter() - t
-model, first = load()
-loads = [first]
-def generator():
+    return og.Model(config)
+def start(model):
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=n_ctx)
+    params.set_search_options(max_length=int(sys.argv[5]))
     return og.Generator(model, params)
-def decode(g, n):
-    t = time.perf_counter()
-    for _ in range(n):
-        g.append_tokens([1000])
-    return n / (time.perf_counter() - t)
-pre, dec, lng = [], [], []
-for r in range(runs):
-    ids = [100 + (i * 37 + r) % 40000 for i in range(128)]
-    g = generator(); t = time.perf_counter(); g.append_tokens(ids); pre.append(128 / (time.perf_counter() - t))
-    g = None; g = generator(); g.append_tokens(ids[:8]); dec.append(decode(g, 128))
-    g = None; g = generator(); g.append_tokens([100 + (i * 53) % 40000 for i in range(long_ctx)]); lng.append(decode(g, 32))
-    g = None
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-for _ in range(min(runs, 3) - 1):
-    model = None
-    model, seconds = load()
-    loads.append(seconds)
-s = lambda v: {"median": round(statistics.median(v), 2), "min": round(min(v), 2), "max": round(max(v), 2)}
-print(json.dumps({"version": og.__version__, "load_s": s(loads), "prefill_128_tok_s": s(pre),
-                  "decode_128_tok_s": s(dec), "decode_long_tok_s": s(lng), "peak_rss_mib": round(peak, 1)}))
-"""
+def feed(generator, tokens):
+    generator.append_tokens(tokens)
+""" + HARNESS
 
 # --fidelity: teacher-forced logits of a peer on the passages' token ids (a JSON file), saved as .npy
 LLAMA_CPP_LOGITS = r"""
