@@ -39,11 +39,15 @@ def calibration_texts(tokenizer) -> list[str]:
     import json
     import textwrap
 
+    from jinja2 import TemplateError
+
+    from edge.manifest import ModelError
+
     prose = "\n\n".join(inspect.getdoc(m) or "" for m in (argparse, json, textwrap, inspect))
     texts = [prose, inspect.getsource(textwrap)]
     try:
         texts.append(tokenizer.chat(CHAT, add_generation_prompt=False))
-    except Exception:  # a model without a chat template: prose and code only
+    except (ModelError, TemplateError):  # no chat template, or one that refuses these roles: prose and code only
         pass
     return texts
 
