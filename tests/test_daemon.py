@@ -128,6 +128,12 @@ def daemon(broker, model):
     d.stop()
 
 
+def test_status_describes_the_model(broker, daemon):
+    status = wait_status(broker, "d1", "online")
+    assert status["model_hash"] == daemon.gen.manifest.model_hash
+    assert status["context_length"] == daemon.gen.model.max_length and status["kv_cache"] == "float32"
+
+
 def wait_status(broker, device, state, timeout=15.0) -> dict:
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     box: queue.Queue = queue.Queue()
