@@ -11,6 +11,7 @@ import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 
 from .manifest import read_manifest
@@ -102,7 +103,7 @@ def model_memory_mb(model: str | Path, context_length: int) -> float:
     m = read_manifest(model)
     weights = sum(p.stat().st_size for p in m.folder.glob("model.onnx*"))
     _, kv_heads, max_length, head_dim = m.kv_shape
-    width = {"float32": 4, "float16": 2, "int8": 1}[m.kv_dtype]
+    width = np.dtype(m.kv_dtype).itemsize
     kv = 2 * m.num_layers * kv_heads * min(context_length, max_length) * head_dim * width
     return round((weights + kv) / 2**20, 1)
 

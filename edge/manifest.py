@@ -13,7 +13,7 @@ from pathlib import Path
 MANIFEST = "nomoat.json"
 VERIFIED = ".nomoat-verified.json"  # size and mtime of each file when its sha256 last matched
 FORMAT_VERSION = 1
-KV_DTYPES = ("float32", "float16", "int8")  # what the runtime can allocate and bind
+KV_DTYPES = ("float32", "float16", "int8")  # what the runtime can allocate and bind (numpy dtype names)
 
 
 class ModelError(Exception):

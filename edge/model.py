@@ -174,7 +174,7 @@ class Model:
     def _init_kv(self) -> None:
         shape = list(self.manifest.kv_shape)
         shape[2] = self.max_length
-        dtype = {"float32": np.float32, "float16": np.float16, "int8": np.int8}[self.manifest.kv_dtype]
+        dtype = np.dtype(self.manifest.kv_dtype)  # KV_DTYPES are numpy's names
         self.kv_names = []
         self.kv = []
         if not self.manifest.shared_kv:

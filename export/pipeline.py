@@ -21,7 +21,7 @@ from pathlib import Path
 
 import onnx
 
-from edge.manifest import FORMAT_VERSION, MANIFEST, model_hash, sha256_file
+from edge.manifest import FORMAT_VERSION, KV_DTYPES, MANIFEST, model_hash, sha256_file
 
 from . import __version__
 from .builder import TARGETS, BuildOptions, LlamaBuilder
@@ -39,8 +39,8 @@ def export_model(source: str | Path, out: str | Path, opts: BuildOptions, loras:
         opts.accuracy_level, opts.lm_head = 1, "fp32"
     if opts.quant_method == "gptq" and via != "optimum":
         raise ExportError("--quant-method gptq needs --via optimum (its calibration runs through a whole graph)")
-    if opts.kv_dtype not in ("float32", "float16", "int8"):
-        raise ExportError(f"--kv-dtype must be float32, float16 or int8, not {opts.kv_dtype!r}")
+    if opts.kv_dtype not in KV_DTYPES:
+        raise ExportError(f"--kv-dtype must be one of {', '.join(KV_DTYPES)}, not {opts.kv_dtype!r}")
     for t in opts.lora_targets:
         if t not in TARGETS:
             raise ExportError(f"unknown LoRA target {t!r}; choose from {','.join(TARGETS)}")

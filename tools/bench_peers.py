@@ -161,10 +161,13 @@ def fidelity(a, engines: dict[str, tuple[str, str, str]]) -> dict[str, str]:
     import numpy as np
 
     from edge.generate import Generator
+    from edge.manifest import read_manifest
+    from edge.text import Tokenizer
     from export.verify import PASSAGES, compare, load_reference, reference_logits, runtime_logits
 
-    gen = Generator(a.model[0], verify_files=False)
-    ids = [gen.tokenizer.encode(text)[:64] for text in PASSAGES]
+    first = read_manifest(a.model[0], verify_files=False)
+    tokenizer = Tokenizer(first.folder, first)  # the ids only: no session
+    ids = [tokenizer.encode(text)[:64] for text in PASSAGES]
     reference = load_reference(a.gguf)
     ref = np.concatenate([reference_logits(reference, i) for i in ids])
     del reference
