@@ -362,6 +362,30 @@ def test_bench_peers_without_a_peer_reports_nomoat(int4, tmp_path):
     assert float(rows["decode 128 tok/s"].split()[-1]) > 0 and float(rows["peak RSS MiB"].split()[-1]) > 0
 
 
+def test_bench_peers_rounds_give_median_ratios_with_their_range(int4, tmp_path):
+    """--rounds: every engine runs once per round, the ratio is the median of the per-round ratios."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_peers", ROOT / "tools" / "bench_peers.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    ours = [{"decode_128_tok_s": {"median": 120.0}}, {"decode_128_tok_s": {"median": 90.0}},
+            {"decode_128_tok_s": {"median": 100.0}}]
+    peer = [{"decode_128_tok_s": 100.0}, {"decode_128_tok_s": 60.0}, {"decode_128_tok_s": 100.0}]
+    assert tool.ratio(ours, peer, "decode_128_tok_s") == "1.20x (1.00-1.50)"
+    assert tool.ratio(ours[:1], peer[:1], "decode_128_tok_s") == "1.20x"
+    full = [{key: r["decode_128_tok_s"] for key, *_ in tool.KEYS} | {"version": "x"} for r in peer]
+    assert tool.combine(full)["decode_128_tok_s"] == 100.0 and tool.combine([]) is None
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_peers.py"), "--model", str(int4),
+                           "--gguf", str(tmp_path / "none.gguf"), "--runs", "1", "--rounds", "2",
+                           "--long-context", "64", "--llama-python", str(tmp_path / "no-python")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("engine failed") == 2 and "rounds=2" in done.stdout, (done.stdout, done.stderr)
+
+
 def test_bench_peers_fidelity_measures_each_engine_against_transformers(slots, int4, tiny, tmp_path):
     """--fidelity: every nomoat model's teacher-forced agreement with the transformers reference, side by side
     (the fp32 export is the reference; the int4 one is not)."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -190,12 +191,33 @@ def value(report: dict, key: str) -> float:
     return v["median"] if isinstance(v, dict) else v
 
 
+def combine(reports: list[dict]) -> dict | None:
+    """One engine's rounds -> the first report with every figure replaced by its median over the rounds."""
+    if not reports:
+        return None
+    out = dict(reports[0])
+    for key, *_ in KEYS:
+        out[key] = round(statistics.median(value(r, key) for r in reports), 2)
+    return out
+
+
+def ratio(ours: list[dict], peer: list[dict], key: str) -> str:
+    """Median of the per-round ratios, with their range when there are several rounds."""
+    each = [value(o, key) / value(p, key) for o, p in zip(ours, peer, strict=True) if value(p, key)]
+    if not each:
+        return "-"
+    mid = f"{statistics.median(each):.2f}x"
+    return mid if len(each) == 1 else f"{mid} ({min(each):.2f}-{max(each):.2f})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, action="append", help="nomoat model folder; repeatable")
     ap.add_argument("--gguf", required=True, help="the GGUF the model was exported from")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat every engine's runs this many times, interleaved; ratios: median over rounds")
     ap.add_argument("--long-context", type=int, default=1000)
     ap.add_argument("--context", type=int, default=2048, help="context length (KV cache) of both engines")
     ap.add_argument("--profile", default="")
@@ -208,31 +230,48 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     name_of = (lambda m: "nomoat") if len(a.model) == 1 else (lambda m: f"nomoat {Path(m).name}")  # noqa: E731
-    results = {name_of(m): run(NOMOAT, m, a.threads, a.runs, a.long_context, a.profile, a.context) for m in a.model}
-    ours = list(results)
-    logits_of: dict[str, tuple[str, str, str]] = {}  # peer -> how to get its logits, for --fidelity
-    for python in a.llama_python or [sys.executable]:
-        peer = run(LLAMA_CPP, a.gguf, a.threads, a.runs, a.long_context, a.context, python=python)
-        if peer:
-            results[f"llama.cpp {peer['version']}"] = peer
-            logits_of[f"llama.cpp {peer['version']}"] = (LLAMA_CPP_LOGITS, a.gguf, python)
+    plan = [(name_of(m), NOMOAT, (m, a.threads, a.runs, a.long_context, a.profile, a.context), sys.executable)
+            for m in a.model]
+    ours = [name for name, *_ in plan]
+    plan += [(f"llama.cpp ({python})", LLAMA_CPP, (a.gguf, a.threads, a.runs, a.long_context, a.context), python)
+             for python in a.llama_python or [sys.executable]]
     if a.genai_model:
-        peer = run(GENAI, a.genai_model, a.threads, a.runs, a.long_context, a.context, python=a.genai_python)
-        if peer:
-            results[f"onnxruntime-genai {peer['version']}"] = peer
-            logits_of[f"onnxruntime-genai {peer['version']}"] = (GENAI_LOGITS, a.genai_model, a.genai_python)
+        plan.append(("onnxruntime-genai", GENAI, (a.genai_model, a.threads, a.runs, a.long_context, a.context),
+                     a.genai_python))
+    # rounds alternate the order (forward, backward, ...) so that a machine getting slower or faster
+    # during the run weighs on every engine alike; ratios are taken within each round
+    rounds: dict[str, list[dict]] = {name: [] for name, *_ in plan}
+    for r in range(a.rounds):
+        for name, code, args, python in plan if r % 2 == 0 else plan[::-1]:
+            report = run(code, *args, python=python)
+            if report:
+                rounds[name].append(report)
+    results: dict[str, dict | None] = {}
+    logits_of: dict[str, tuple[str, str, str]] = {}  # peer -> how to get its logits, for --fidelity
+    for name, code, args, python in plan:
+        reports = rounds[name]
+        if len(reports) < a.rounds:  # failed in some round (the error is printed): no figures, no ratios
+            results[name] = None
+        elif name in ours:
+            results[name] = combine(reports)
+        else:
+            peer = f"{'onnxruntime-genai' if code is GENAI else 'llama.cpp'} {reports[0]['version']}"
+            results[peer] = combine(reports)
+            rounds[peer] = reports
+            logits_of[peer] = (GENAI_LOGITS if code is GENAI else LLAMA_CPP_LOGITS, args[0], python)
     if a.fidelity:
         for name, text in fidelity(a, {"nomoat": ours, "peers": logits_of}).items():
             if results.get(name):
                 results[name]["fidelity"] = text
-    if len(results) == len(ours):
+    if not any(r for e, r in results.items() if e not in ours):
         print("no peer ran: nomoat only", file=sys.stderr)
     if a.json:
         print(json.dumps(results, indent=1))
         return
     from edge.bench import describe_verification
 
-    print(f"threads={a.threads} runs={a.runs} long context={a.long_context} of {a.context} (medians)")
+    print(f"threads={a.threads} runs={a.runs} rounds={a.rounds} long context={a.long_context} of {a.context} "
+          "(medians; ratios: median over rounds (range))")
     engines = [e for e, r in results.items() if r]
     for e in engines:
         if "fidelity" in results[e]:
@@ -242,11 +281,12 @@ def main() -> None:
     short = lambda e: e.replace("llama.cpp ", "").replace("onnxruntime-genai ", "genai ")  # noqa: E731
     pairs = [(o, p) for o in engines if o in ours for p in engines if p not in ours]
     width = max([18, *(len(e) + 2 for e in engines)])
+    rwidth = max(width, 24) if a.rounds > 1 else width
     print(f"{'':20s}" + "".join(f"{e:>{width}s}" for e in engines)
-          + "".join(f"{o.replace('nomoat ', '') + ' / ' + short(p):>{width + 2}s}" for o, p in pairs))
+          + "".join(f"{o.replace('nomoat ', '') + ' / ' + short(p):>{rwidth + 2}s}" for o, p in pairs))
     for key, label, _higher_better in KEYS:
         row = {e: value(results[e], key) for e in engines}
-        ratios = "".join(f"{f'{row[o] / row[p]:.2f}x' if row[p] else '-':>{width + 2}s}" for o, p in pairs)
+        ratios = "".join(f"{ratio(rounds[o], rounds[p], key):>{rwidth + 2}s}" for o, p in pairs)
         print(f"{label:20s}" + "".join(f"{row[e]:>{width}}" for e in engines) + ratios)
 
 
