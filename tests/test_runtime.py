@@ -65,6 +65,8 @@ def test_prepacked_cache_gives_the_same_tokens(int4, tmp_path):
     base = Generator(int4).generate("The capital", max_tokens=16).tokens
     for _ in range(2):  # the first load writes the cache, the second maps it
         gen = Generator(int4, Profile(optimized_model_cache=str(tmp_path / "cache")))
+        # the pages loading touched are unmapped (Linux), and what generation reads faults back in intact
+        assert gen.model.released_bytes > 0 or sys.platform != "linux"
         assert gen.generate("The capital", max_tokens=16).tokens == base
     (written,) = (tmp_path / "cache").iterdir()
     assert {f.name for f in written.iterdir()} == {"model.onnx", "model.onnx.data"}

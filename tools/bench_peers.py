@@ -12,6 +12,10 @@ another llama-cpp-python version: builds differ a lot (see the README's table). 
 repeatable too (e.g. the default export and an `--kv-dtype int8` one): every nomoat model gets a
 ratio against every peer.
 
+`--rounds N` repeats every engine's runs N times, interleaved (the order alternates), and gives each ratio
+as the median of the per-round ratios with their range: a shared machine that drifts during the run then
+weighs on every engine alike.
+
 `--genai-model DIR` adds onnxruntime-genai on a folder made by its own model builder (it re-quantizes
 the float weights), e.g. `python -m onnxruntime_genai.models.builder -m HuggingFaceTB/SmolLM2-135M-Instruct
 -i .cache/smollm2-hf -o .cache/genai-smollm2 -p int4 -e cpu`, run from `--genai-python PY` (a venv with
