@@ -242,7 +242,7 @@ def release_load_pages(folders: list[Path]) -> int:
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     released, mapping = 0, None
     for line in smaps.splitlines() + ["end"]:
-        head = line.split(maxsplit=5)
+        head = line.split(maxsplit=5) or [""]
         if "-" in head[0] or head[0] == "end":  # a new mapping: settle the previous one
             if mapping and mapping["path"].startswith(prefixes) and mapping["path"].endswith(".data") \
                     and mapping.get("Anonymous:") == 0 and mapping.get("Rss:", 0) > 0:
