@@ -196,9 +196,10 @@ def value(report: dict, key: str) -> float:
 
 
 def combine(reports: list[dict]) -> dict | None:
-    """One engine's rounds -> the first report with every figure replaced by its median over the rounds."""
-    if not reports:
-        return None
+    """One engine's rounds -> the first report with every figure replaced by its median over the rounds
+    (a single round's report as it is, with its own median/min/max)."""
+    if len(reports) < 2:
+        return reports[0] if reports else None
     out = dict(reports[0])
     for key, *_ in KEYS:
         out[key] = round(statistics.median(value(r, key) for r in reports), 2)
