@@ -81,6 +81,31 @@ def test_prepacked_cache_gives_the_same_tokens(int4, tmp_path):
     assert replaced != written
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="MADV_DONTNEED on /proc/self/smaps mappings: Linux only")
+def test_releasing_load_pages_never_drops_written_pages(tmp_path):
+    """release_load_pages unmaps clean mappings of .data files under the given folders (their contents fault
+    back in), and leaves alone a mapping with a copy-on-write page, whose write would be lost."""
+    import mmap
+
+    from edge.model import release_load_pages
+
+    clean, written = tmp_path / "clean.onnx.data", tmp_path / "written.onnx.data"
+    for f in (clean, written):
+        f.write_bytes(bytes(range(256)) * 4096)  # 1 MiB
+    with clean.open("rb") as a, written.open("rb") as b:
+        ro = mmap.mmap(a.fileno(), 0, access=mmap.ACCESS_COPY)
+        cow = mmap.mmap(b.fileno(), 0, access=mmap.ACCESS_COPY)
+        assert sum(ro[i] for i in range(0, len(ro), 4096)) == 0  # touch every page (byte 0 of each is 0)
+        cow[4096] = 255  # a private page
+        assert release_load_pages([tmp_path / "elsewhere"]) == 0
+        released = release_load_pages([tmp_path])
+        assert released >= 1 << 20  # the clean mapping, all of it
+        assert ro[:256] == bytes(range(256)) and ro[-1] == 255  # read back from the file
+        assert cow[4096] == 255  # the written page survived
+        ro.close()
+        cow.close()
+
+
 def test_another_accuracy_level_writes_nothing_beside_the_model(int4):
     from edge.profile import Profile
 
