@@ -413,6 +413,30 @@ def test_bench_peers_rounds_give_median_ratios_with_their_range(int4, tmp_path):
     assert done.stderr.count("engine failed") == 2 and "rounds=2" in done.stdout, (done.stdout, done.stderr)
 
 
+def test_q4_1_upper_bound_drops_exactly_the_correction_chains():
+    """tools/q4_1_upper_bound.py (the timing bound in the runtime note): each Reshape -> ReduceSum ->
+    MatMul(.mins_t) -> Add goes, its consumers read the MatMulNBits output; every other node stays."""
+    import importlib.util
+
+    from conftest import ROOT
+    from onnx import helper
+
+    spec = importlib.util.spec_from_file_location("q4_1_upper_bound", ROOT / "tools" / "q4_1_upper_bound.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    nodes = [helper.make_node("MatMulNBits", ["x", "w.qweight", "w.scales"], ["y"], domain="com.microsoft"),
+             helper.make_node("Reshape", ["x", "shape"], ["blocks"]),
+             helper.make_node("ReduceSum", ["blocks", "axes"], ["sums"]),
+             helper.make_node("MatMul", ["sums", "w.mins_t"], ["correction"]),
+             helper.make_node("Add", ["y", "correction"], ["y_corrected"]),
+             helper.make_node("MatMul", ["y_corrected", "lora.A"], ["lora"]),  # a MatMul on no .mins_t: kept
+             helper.make_node("Add", ["y_corrected", "lora"], ["out"])]
+    graph = helper.make_graph(nodes, "g", [], [])
+    assert tool.drop_corrections(graph) == 1
+    assert [(n.op_type, list(n.input)) for n in graph.node] == [
+        ("MatMulNBits", ["x", "w.qweight", "w.scales"]), ("MatMul", ["y", "lora.A"]), ("Add", ["y", "lora"])]
+
+
 def test_bench_peers_fidelity_measures_each_engine_against_transformers(slots, int4, tiny, tmp_path):
     """--fidelity: every nomoat model's teacher-forced agreement with the transformers reference, side by side
     (the fp32 export is the reference; the int4 one is not)."""

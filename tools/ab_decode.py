@@ -1,0 +1,47 @@
+#!/usr/bin/env python3
+"""Interleaved decode A/B of model folders in one process: small effects survive a drifting machine.
+
+    .venv/bin/python tools/ab_decode.py models/smollm2-135m /tmp/variant --context 8 --tokens 64 --reps 8
+
+Each repetition prefills `--context` tokens and decodes `--tokens` more in every folder in turn (no graph
+cache, so each folder's own graph runs); prints the median tok/s and every repetition's figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from edge.generate import Generator
+from edge.profile import load_profile
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folders", nargs="+")
+    ap.add_argument("--context", type=int, default=8, help="prompt tokens before decoding")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--profile", default="x86-64-dev")
+    a = ap.parse_args()
+    profile = load_profile(a.profile)
+    profile.threads, profile.optimized_model_cache = a.threads, None
+    profile.context_length = max(profile.context_length, a.context + a.tokens + 1)
+    gens = {f: Generator(f, profile, verify_files=False) for f in a.folders}
+    prompt = [100 + (i * 37) % 40000 for i in range(a.context)]
+    found: dict[str, list[float]] = {f: [] for f in gens}
+    for _ in range(a.reps):
+        for folder, gen in gens.items():
+            gen.prefill(prompt)
+            t = time.perf_counter()
+            for i in range(a.tokens):
+                gen.decode_one_token(500, a.context + i)
+            found[folder].append(a.tokens / (time.perf_counter() - t))
+    for folder, values in found.items():
+        print(f"{statistics.median(values):7.1f} tok/s  {folder}  {[round(v) for v in values]}")
+
+
+if __name__ == "__main__":
+    main()
