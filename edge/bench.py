@@ -16,7 +16,8 @@ from .generate import GenerationError, Generator
 from .profile import Profile
 
 
-def _decode(gen: Generator, start: int, n: int) -> float:
+def decode_speed(gen: Generator, start: int, n: int) -> float:
+    """Tokens/s of n greedy decode steps after `start` tokens of cache."""
     token = gen.vocab // 2  # any valid token; then the model's own greedy choices
     t = time.perf_counter()
     for i in range(n):
@@ -46,9 +47,9 @@ def bench_model(folder, profile: Profile, runs: int = 5, long_context: int = 100
         gen.prefill(ids)
         prefill.append(128 / (time.perf_counter() - t))
         gen.prefill(ids[:8])
-        decode.append(_decode(gen, 8, 128))
+        decode.append(decode_speed(gen, 8, 128))
         gen.prefill(rng.integers(low, vocab, long_context).tolist())
-        decode_long.append(_decode(gen, long_context, 32))
+        decode_long.append(decode_speed(gen, long_context, 32))
     # the peak of one load and the work above, as on a device; more loads (for the load time) come after it
     # because a reload's freed memory stays in the process and would count twice
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -240,20 +240,19 @@ def release_load_pages(folders: list[Path]) -> int:
     except (OSError, AttributeError):
         return 0
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    released, mapping = 0, None
-    for line in smaps.splitlines() + ["end"]:
-        head = line.split(maxsplit=5) or [""]
-        if "-" in head[0] or head[0] == "end":  # a new mapping: settle the previous one
-            if mapping and mapping["path"].startswith(prefixes) and mapping["path"].endswith(".data") \
-                    and mapping.get("Anonymous:") == 0 and mapping.get("Rss:", 0) > 0:
-                if madvise(mapping["start"], mapping["end"] - mapping["start"], _MADV_DONTNEED) == 0:
-                    released += mapping["Rss:"] * 1024
-            if head[0] == "end":
-                break
+    mappings: list[dict] = []
+    for line in smaps.splitlines():
+        head = line.split(maxsplit=5)
+        if head and "-" in head[0]:  # "start-end perms offset dev inode [path]" opens a mapping
             start, end = (int(x, 16) for x in head[0].split("-"))
-            mapping = {"start": start, "end": end, "path": head[5] if len(head) > 5 else ""}
-        elif mapping is not None and head[0] in ("Rss:", "Anonymous:"):
-            mapping[head[0]] = int(head[1])
+            mappings.append({"start": start, "end": end, "path": head[5] if len(head) > 5 else ""})
+        elif mappings and head and head[0] in ("Rss:", "Anonymous:"):
+            mappings[-1][head[0]] = int(head[1])
+    released = 0
+    for m in mappings:
+        if m["path"].startswith(prefixes) and m["path"].endswith(".data") and m.get("Anonymous:") == 0 \
+                and m.get("Rss:", 0) > 0 and madvise(m["start"], m["end"] - m["start"], _MADV_DONTNEED) == 0:
+            released += m["Rss:"] * 1024
     return released
 
 

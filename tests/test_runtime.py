@@ -391,13 +391,9 @@ def test_bench_peers_without_a_peer_reports_nomoat(int4, tmp_path):
 
 def test_bench_peers_rounds_give_median_ratios_with_their_range(int4, tmp_path):
     """--rounds: every engine runs once per round, the ratio is the median of the per-round ratios."""
-    import importlib.util
+    from conftest import ROOT, load_tool
 
-    from conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("bench_peers", ROOT / "tools" / "bench_peers.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("bench_peers")
     ours = [{"decode_128_tok_s": {"median": 120.0}}, {"decode_128_tok_s": {"median": 90.0}},
             {"decode_128_tok_s": {"median": 100.0}}]
     peer = [{"decode_128_tok_s": 100.0}, {"decode_128_tok_s": 60.0}, {"decode_128_tok_s": 100.0}]
@@ -416,14 +412,10 @@ def test_bench_peers_rounds_give_median_ratios_with_their_range(int4, tmp_path):
 def test_q4_1_upper_bound_drops_exactly_the_correction_chains():
     """tools/q4_1_upper_bound.py (the timing bound in the runtime note): each Reshape -> ReduceSum ->
     MatMul(.mins_t) -> Add goes, its consumers read the MatMulNBits output; every other node stays."""
-    import importlib.util
-
-    from conftest import ROOT
+    from conftest import load_tool
     from onnx import helper
 
-    spec = importlib.util.spec_from_file_location("q4_1_upper_bound", ROOT / "tools" / "q4_1_upper_bound.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("q4_1_upper_bound")
     nodes = [helper.make_node("MatMulNBits", ["x", "w.qweight", "w.scales"], ["y"], domain="com.microsoft"),
              helper.make_node("Reshape", ["x", "shape"], ["blocks"]),
              helper.make_node("ReduceSum", ["blocks", "axes"], ["sums"]),

@@ -3,7 +3,7 @@
 
     .venv/bin/python tools/ab_decode.py models/smollm2-135m /tmp/variant --context 8 --tokens 64 --reps 8
 
-Each repetition prefills `--context` tokens and decodes `--tokens` more in every folder in turn (no graph
+Each repetition prefills `--context` tokens and decodes `--tokens` more (greedy, as `nomoat bench`) in every folder in turn (no graph
 cache, so each folder's own graph runs); prints the median tok/s and every repetition's figure.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
+from edge.bench import decode_speed
 from edge.generate import Generator
 from edge.profile import load_profile
 
@@ -35,10 +35,7 @@ def main() -> None:
     for _ in range(a.reps):
         for folder, gen in gens.items():
             gen.prefill(prompt)
-            t = time.perf_counter()
-            for i in range(a.tokens):
-                gen.decode_one_token(500, a.context + i)
-            found[folder].append(a.tokens / (time.perf_counter() - t))
+            found[folder].append(decode_speed(gen, a.context, a.tokens))
     for folder, values in found.items():
         print(f"{statistics.median(values):7.1f} tok/s  {folder}  {[round(v) for v in values]}")
 
