@@ -1,8 +1,9 @@
 """The generation loop: prefill, decode_one_token, and a streaming `generate` around them.
 
 Everything per step is bound once through IOBinding: the KV buffers (past == present, shared),
-the LoRA slot tensors of the active adapters, the logits buffer. A decode step updates three
-small inputs in place and runs the session; nothing else is copied.
+the LoRA slot tensors of the active adapters, the logits buffer. A decode step looks up its token's
+embedding (edge/embedding.py), updates three small inputs in place and runs the session; nothing else
+is copied.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .adapters import AdapterSet, read_adapter
+from .embedding import TokenEmbedding
 from .model import Model, trim_heap
 from .profile import Profile
 from .sampling import SamplingParams, sample
@@ -47,7 +49,12 @@ class Generator:
         self.tokenizer = Tokenizer(self.model.folder, self.manifest)
         self.adapters = AdapterSet(self.manifest)
         self.vocab = self.manifest.config["vocab_size"]
-        self._one_token = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1), np.int64))
+        self.embedding = None  # format 1 graphs (and optimum's) take token ids and look them up themselves
+        if self.manifest.embedding:
+            self.embedding = TokenEmbedding(self.model.folder, self.manifest.embedding, self.vocab,
+                                            self.manifest.config["hidden_size"])
+        self._input_name = "inputs_embeds" if self.embedding else "input_ids"
+        self._one_token = ort.OrtValue.ortvalue_from_numpy(self._inputs([0]))
         self._past: dict[str, np.ndarray] = {}  # optimum's graphs only
         self._binding = self.model.session.io_binding()
         self._prefill_binding: ort.IOBinding | None = None
@@ -91,15 +98,26 @@ class Generator:
             raise GenerationError(str(e)) from e
 
     # ---- the model calls -------------------------------------------------------------------
-    def _forward(self, ids: ort.OrtValue, total: int, prefill: bool = False) -> np.ndarray:
+    def _inputs(self, tokens: list[int]) -> np.ndarray:
+        """The graph's input for these tokens: their embeddings [1, S, hidden], or ids [1, S] (format 1)."""
+        if self.embedding:
+            return self.embedding(tokens)[None]
+        return np.array([tokens], np.int64)
+
+    def _forward(self, tokens: list[int], total: int, prefill: bool = False) -> np.ndarray:
         if not self.manifest.shared_kv:
-            return self._forward_concat(ids.numpy(), total)
+            return self._forward_concat(np.array([tokens], np.int64), total)
+        if len(tokens) == 1:
+            self._one_token.update_inplace(self._inputs(tokens))
+            inputs = self._one_token
+        else:
+            inputs = ort.OrtValue.ortvalue_from_numpy(self._inputs(tokens))
         self._seqlens.update_inplace(np.array([total - 1], np.int32))
         self._total.update_inplace(np.array(total, np.int32))
         session, binding = self.model.session, self._binding
         if prefill and self._prefill_binding:
             session, binding = self.model.prefill_session, self._prefill_binding
-        binding.bind_ortvalue_input("input_ids", ids)
+        binding.bind_ortvalue_input(self._input_name, inputs)
         session.run_with_iobinding(binding)
         return self._logits.numpy()[0, 0]
 
@@ -128,14 +146,12 @@ class Generator:
         long = len(tokens) >= self.model.profile.prefill_min_tokens  # the prefill session, if there is one
         for start in range(0, len(tokens), step):
             chunk = tokens[start:start + step]
-            ids = ort.OrtValue.ortvalue_from_numpy(np.array([chunk], np.int64))
-            logits = self._forward(ids, start + len(chunk), prefill=long)
+            logits = self._forward(chunk, start + len(chunk), prefill=long)
         return logits
 
     def decode_one_token(self, token: int, position: int) -> np.ndarray:
         """Logits after feeding `token` at `position` (0-based) on top of the cache."""
-        self._one_token.update_inplace(np.array([[token]], np.int64))
-        return self._forward(self._one_token, position + 1)
+        return self._forward([token], position + 1)
 
     # ---- the loop --------------------------------------------------------------------------
     def check_prompt(self, tokens: list[int], max_tokens: int) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 MANIFEST = "nomoat.json"
 VERIFIED = ".nomoat-verified.json"  # size and mtime of each file when its sha256 last matched
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the graph takes token embeddings, which the runtime reads from the weights file
 KV_DTYPES = ("float32", "float16", "int8")  # what the runtime can allocate and bind (numpy dtype names)
 
 
@@ -64,6 +64,11 @@ class Manifest:
     @property
     def kv_dtype(self) -> str:
         return self.data["kv_cache"].get("dtype", "float32")
+
+    @property
+    def embedding(self) -> dict | None:
+        """Where the token embedding's rows are (format 2); None: the graph takes token ids."""
+        return self.data.get("embedding")
 
     @property
     def eos_token_ids(self) -> list[int]:

@@ -15,8 +15,11 @@ contrib ops do the heavy lifting:
 Block scales that fit half precision exactly (all of a GGUF's) are stored as fp16 and cast to fp32
 in the graph; onnxruntime folds the cast at load, so the weights file is ~8 % smaller for free.
 
+The token embedding is not in the graph: the runtime reads the rows a prompt needs from the weights
+file (edge/embedding.py; where they are is in nomoat.json) and feeds their float32 values.
+
 Graph interface (recorded in nomoat.json):
-  inputs  input_ids int64 [1, S], seqlens_k int32 [1] (= total length - 1),
+  inputs  inputs_embeds float32 [1, S, hidden], seqlens_k int32 [1] (= total length - 1),
           total_sequence_length int32 [], past_key_values.{i}.key/value,
           and for LoRA slots lora.{i}.{target}.A [K, r] / lora.{i}.{target}.B [r, N] (r may be 0)
   outputs logits float32 [1, 1, vocab] (last position only), present.{i}.key/value
@@ -65,16 +68,16 @@ class Graph:
         self.inits: list[onnx.TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
+        self.tables: dict[str, dict] = {}  # name -> where its bytes are in the data file (for the runtime)
         self._count = 0
 
-    def init(self, name: str, array: np.ndarray) -> str:
+    def init(self, name: str, array: np.ndarray, external: bool = False) -> str:
+        """An initializer; `external`: in the data file even when small (the runtime reads it too)."""
         array = np.ascontiguousarray(array)
-        if array.nbytes < 1024:
+        if array.nbytes < 1024 and not external:
             self.inits.append(numpy_helper.from_array(array, name))
             return name
-        offset = -(-self.data.tell() // 4096) * 4096
-        self.data.seek(offset)
-        self.data.write(array.tobytes())
+        offset = self.table(name, array)["offset"]
         t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
         t.data_location = TensorProto.EXTERNAL
         for key, value in (("location", self.data_name), ("offset", offset), ("length", array.nbytes)):
@@ -82,14 +85,25 @@ class Graph:
         self.inits.append(t)
         return name
 
-    def scales(self, name: str, scales: np.ndarray) -> str:
+    def table(self, name: str, array: np.ndarray) -> dict:
+        """Write the array's bytes to the data file (page-aligned) and record where: {offset, dtype, shape}."""
+        offset = -(-self.data.tell() // 4096) * 4096
+        self.data.seek(offset)
+        self.data.write(np.ascontiguousarray(array).tobytes())
+        self.tables[name] = {"offset": offset, "dtype": array.dtype.name, "shape": list(array.shape)}
+        return self.tables[name]
+
+    def scales(self, name: str, scales: np.ndarray, external: bool = False) -> str:
         """Block scales, stored in half precision where that is lossless (GGUF's are fp16) and cast back
         to the fp32 that MatMulNBits takes. onnxruntime folds the Cast when it loads the graph (and the
         prepacked graph cache holds the result), so only the file shrinks: 2 bytes per block instead of 4."""
         half = scales.astype(np.float16)
         if not np.array_equal(half.astype(scales.dtype), scales):
-            return self.init(name, scales)
-        return self.op("Cast", [self.init(f"{name}.f16", half)], outs=[name], to=TensorProto.FLOAT)[0]
+            return self.init(name, scales, external)
+        stored = self.init(f"{name}.f16", half, external)
+        if stored in self.tables:
+            self.tables[name] = self.tables[stored]
+        return self.op("Cast", [stored], outs=[name], to=TensorProto.FLOAT)[0]
 
     def const(self, values, dtype=np.int64) -> str:
         self._count += 1
@@ -204,25 +218,31 @@ class LlamaBuilder:
         delta = self.g.op1("MatMul", [self.g.op1("MatMul", [x, a]), b])
         return self.g.op1("Add", [y, delta])
 
-    def embedding(self, ids: str) -> str:
-        g, w = self.g, self.embed
+    def embedding_tables(self) -> None:
+        """Store the token embedding for the runtime's lookup (edge/embedding.py) and describe it in
+        self.embedding: the tables' places in the data file and how a row dequantizes,
+        (q - 2^(bits-1)) * scale (+ min). Tied embeddings are initializers that the lm_head shares."""
+        g, w, name = self.g, self.embed, self.embed_name
+        tied = self.cfg.tie_word_embeddings
+
+        def table(suffix: str, array: np.ndarray) -> dict:
+            if tied:
+                g.init(name + suffix, array, external=True)
+                return g.tables[name + suffix]
+            return g.table(name + suffix, array)
+
         if isinstance(w, np.ndarray):
-            return g.op1("Gather", [self.embed_name, ids], axis=0)
-        # gather the quantized rows, dequantize just those: [1, S, K/bs, blob] -> [1, S, K]
-        rows = g.op1("Gather", [f"{self.embed_name}.qweight", ids], axis=0)
-        if w.bits == 4:
-            lo = g.op1("BitwiseAnd", [rows, g.const(15, np.uint8)])
-            hi = g.op1("BitShift", [rows, g.const(4, np.uint8)], direction="RIGHT")
-            rows = g.op1("Concat", [g.op1("Unsqueeze", [lo, g.const([-1])]),
-                                    g.op1("Unsqueeze", [hi, g.const([-1])])], axis=-1)
-            rows = g.op1("Reshape", [rows, g.const([0, 0, w.packed.shape[1], w.block_size])])
-        q = g.op1("Sub", [g.op1("Cast", [rows], to=TensorProto.FLOAT), g.const(2.0 ** (w.bits - 1), np.float32)])
-        scales = g.op1("Unsqueeze", [g.op1("Gather", [f"{self.embed_name}.scales", ids], axis=0), g.const([-1])])
-        x = g.op1("Mul", [q, scales])
-        if w.mins is not None:
-            mins = g.op1("Gather", [self.g.init(f"{self.embed_name}.mins", w.mins), ids], axis=0)
-            x = g.op1("Add", [x, g.op1("Unsqueeze", [mins, g.const([-1])])])
-        return g.op1("Reshape", [x, g.const([0, 0, self.cfg.hidden_size])])
+            self.embedding = {"weight": table("", w)}
+            return
+        self.embedding = {"weight": table(".qweight", w.packed), "bits": w.bits, "block_size": w.block_size}
+        if tied:
+            g.scales(f"{name}.scales", w.scales, external=True)
+            self.embedding["scales"] = g.tables[f"{name}.scales"]
+        else:
+            half = w.scales.astype(np.float16)
+            self.embedding["scales"] = g.table(f"{name}.scales", half if np.array_equal(half, w.scales) else w.scales)
+        if w.mins is not None:  # the lm_head has its own transposed copy
+            self.embedding["mins"] = g.table(f"{name}.mins", w.mins)
 
     def attention(self, x: str, i: int) -> str:
         c, g = self.cfg, self.g
@@ -267,7 +287,7 @@ class LlamaBuilder:
     # ---- the whole model -------------------------------------------------------------------
     def build(self) -> onnx.ModelProto:
         c, g = self.cfg, self.g
-        g.inputs += [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "sequence"]),
+        g.inputs += [helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, [1, "sequence", c.hidden_size]),
                      helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
                      helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
         cos, sin = rotary_tables(c, self.opts.max_length)
@@ -282,12 +302,8 @@ class LlamaBuilder:
         own = not c.tie_word_embeddings and isinstance(self.ckpt.tensor("model.embed_tokens.weight"), QuantBlocks)
         self.embed = self.weight("model.embed_tokens.weight", None if own and head_bits else head_bits)
         self.weight_kinds["model.embed_tokens"] = getattr(self.embed, "kind", "fp32")
-        if isinstance(self.embed, np.ndarray):
-            g.init(self.embed_name, self.embed)
-        else:  # stored once; the lm_head MatMulNBits shares it when embeddings are tied
-            g.init(f"{self.embed_name}.qweight", self.embed.packed)
-            g.scales(f"{self.embed_name}.scales", self.embed.scales)
-        h = self.embedding("input_ids")
+        self.embedding_tables()
+        h = "inputs_embeds"
 
         x, residual = self.norm(h, None, "model.layers.0.input_layernorm.weight")
         for i in range(c.num_layers):

@@ -59,20 +59,21 @@ def export_model(source: str | Path, out: str | Path, opts: BuildOptions, loras:
         if via == "optimum":
             from .via_optimum import export_via_optimum
 
-            kinds, lora_inputs = export_via_optimum(Path(source), ckpt, opts, tmp, log), []
+            kinds, lora_inputs, embedding = export_via_optimum(Path(source), ckpt, opts, tmp, log), [], None
         else:
             builder = LlamaBuilder(ckpt, opts, tmp / "model.onnx.data")
             model = builder.build()
             onnx.save_model(model, str(tmp / "model.onnx"))
             del model
-            kinds, lora_inputs = builder.weight_kinds, builder.lora_inputs
+            kinds, lora_inputs, embedding = builder.weight_kinds, builder.lora_inputs, builder.embedding
         kv_quantization = None
         if opts.kv_dtype == "int8":  # built with a float32 cache, run once to calibrate, then rewritten
             from .calibrate import quantize_kv_cache_of
 
-            write_manifest(tmp, ckpt, replace(opts, kv_dtype="float32"), kinds, lora_inputs, adapters, out.name, via)
+            write_manifest(tmp, ckpt, replace(opts, kv_dtype="float32"), kinds, lora_inputs, adapters, out.name, via,
+                           embedding=embedding)
             kv_quantization = quantize_kv_cache_of(tmp)
-        write_manifest(tmp, ckpt, opts, kinds, lora_inputs, adapters, out.name, via, kv_quantization)
+        write_manifest(tmp, ckpt, opts, kinds, lora_inputs, adapters, out.name, via, kv_quantization, embedding)
         log(f"exported {Path(source).name} -> {out} in {time.time() - t0:.1f}s "
             f"({_size_mb(tmp):.1f} MB, weights: {dict(Counter(kinds.values()))})")
         if verify is None:
@@ -116,14 +117,15 @@ def _save_tokenizer_child(source: str, folder: str) -> None:
 
 
 def write_manifest(folder: Path, ckpt, opts: BuildOptions, weight_kinds: dict[str, str], lora_inputs: list[dict],
-                   adapters, name: str, via: str = "builder", kv_quantization: dict | None = None) -> None:
+                   adapters, name: str, via: str = "builder", kv_quantization: dict | None = None,
+                   embedding: dict | None = None) -> None:
     optimum = via == "optimum"
     c = ckpt.config
     tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
     files = {f.name: sha256_file(f) for f in sorted(folder.iterdir()) if f.is_file() and f.name != MANIFEST}
     data = {
         "format": "nomoat-model",
-        "format_version": FORMAT_VERSION,
+        "format_version": 1 if optimum else FORMAT_VERSION,  # optimum's graphs: token ids, as in version 1
         "exporter": f"nomoat {__version__}",
         "name": name,
         "architecture": "llama",
@@ -136,9 +138,11 @@ def write_manifest(folder: Path, ckpt, opts: BuildOptions, weight_kinds: dict[st
             "file": "model.onnx",
             "kind": "optimum" if optimum else "nomoat",
             "inputs": ["input_ids", "attention_mask", "position_ids"] if optimum
-            else ["input_ids", "seqlens_k", "total_sequence_length"],
+            else ["inputs_embeds", "seqlens_k", "total_sequence_length"],
             "logits": "every position, [1, S, vocab]" if optimum else "last position only, [1, 1, vocab]",
         },
+        # the token embedding's tables in the weights file, which the runtime reads rows of (edge/embedding.py)
+        **({"embedding": {"file": "model.onnx.data", **embedding}} if embedding else {}),
         "kv_cache": {
             "layout": "BNSH",
             "dtype": opts.kv_dtype,

@@ -296,7 +296,11 @@ def test_q4_0_gguf_blocks_are_imported_exactly(smollm2_gguf, tmp_path):
     # GGUF scales are fp16: the file keeps them so (2 bytes per block), the graph casts them back
     graph = onnx.load(int4 / "model.onnx", load_external_data=False).graph
     halves = [t for t in graph.initializer if t.name.endswith(".scales.f16")]
-    assert len(halves) == 2 * 4 + 1 + 1 and all(t.data_type == onnx.TensorProto.FLOAT16 for t in halves)
+    assert len(halves) == 2 * 4 + 1 and all(t.data_type == onnx.TensorProto.FLOAT16 for t in halves)
+    # the untied embedding keeps its own Q4_0 blocks, for the runtime's lookup alone (not in the graph)
+    lookup = json.loads((int4 / "nomoat.json").read_text())["embedding"]
+    assert lookup["bits"] == 4 and lookup["scales"]["dtype"] == "float16"
+    assert not [t for t in graph.initializer if t.name.startswith("model.embed_tokens")]
     assert {n.output[0] for n in graph.node if n.op_type == "Cast"} >= {t.name[:-4] for t in halves}
 
 

@@ -81,6 +81,59 @@ def test_prepacked_cache_gives_the_same_tokens(int4, tmp_path):
     assert replaced != written
 
 
+@pytest.mark.parametrize("kind", ["float32", "float16", "int8", "int4", "int4+mins"])
+def test_token_embedding_reads_the_rows_as_the_table_dequantizes(kind, tmp_path):
+    """The runtime's lookup (pread from the weights file) gives exactly the dequantized table's rows, in
+    every layout the exporter writes; a bad id or a short file is a clear error."""
+    from edge.embedding import TokenEmbedding
+    from export.builder import Graph
+    from export.quantize import quantize_weight
+
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((300, 64)).astype(np.float32)
+    g = Graph(tmp_path / "w.data", "w.data")
+    g.table("padding", np.zeros(5000, np.uint8))  # the tables start at other offsets than 0
+    if kind.startswith("float"):
+        expected = table.astype(kind).astype(np.float32)
+        spec = {"weight": g.table("e", table.astype(kind))}
+    else:
+        blocks = quantize_weight(table, 4 if kind.startswith("int4") else 8, 32, "rtn")
+        if kind == "int4+mins":  # GGUF Q4_1
+            blocks.mins = rng.standard_normal(blocks.scales.shape).astype(np.float32)
+        expected = blocks.dequantize()
+        spec = {"weight": g.table("q", blocks.packed), "bits": blocks.bits, "block_size": 32,
+                "scales": g.table("s", blocks.scales)}
+        if blocks.mins is not None:
+            spec["mins"] = g.table("m", blocks.mins)
+    g.data.close()
+    lookup = TokenEmbedding(tmp_path, {"file": "w.data", **spec}, 300, 64)
+    ids = [0, 299, 17, 17, 5]
+    assert np.array_equal(lookup(ids), expected[ids])
+    with pytest.raises(ValueError, match="out of range"):
+        lookup([300])
+    lookup.close()
+    with open(tmp_path / "w.data", "r+b") as f:
+        f.truncate(spec["weight"]["offset"] + 10)
+    with pytest.raises(ValueError, match="shorter than its manifest says"):
+        TokenEmbedding(tmp_path, {"file": "w.data", **spec}, 300, 64)([299])
+
+
+def test_the_graph_takes_embeddings_and_holds_no_lookup(exported, tiny_tied):
+    """Format 2: the runtime looks tokens up; the graph has no Gather over the vocabulary."""
+    import onnx
+
+    tied = exported("int4-tied", src=tiny_tied)
+    m = json.loads((tied / "nomoat.json").read_text())
+    assert m["format_version"] == 2 and m["graph"]["inputs"][0] == "inputs_embeds"
+    graph = onnx.load(tied / "model.onnx", load_external_data=False).graph
+    assert [i.name for i in graph.input][0] == "inputs_embeds"
+    assert not [n for n in graph.node if n.op_type == "Gather"]
+    # the tied lm_head still reads the same bytes the lookup reads
+    (qweight,) = [t for t in graph.initializer if t.name == "model.embed_tokens.qweight"]
+    offset = {e.key: e.value for e in qweight.external_data}["offset"]
+    assert int(offset) == m["embedding"]["weight"]["offset"]
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="MADV_DONTNEED on /proc/self/smaps mappings: Linux only")
 def test_releasing_load_pages_never_drops_written_pages(tmp_path):
     """release_load_pages unmaps clean mappings of .data files under the given folders (their contents fault
