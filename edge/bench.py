@@ -1,7 +1,8 @@
 """`nomoat bench`: the figures that matter on a device, measured the same way every time.
 
 prefill: tokens/s for a 128-token prompt; decode: tokens/s for 128 new tokens after a short
-prompt; decode at ~1000 tokens of context; load time; peak RSS of this process.
+prompt; decode at ~1000 tokens of context; load time; peak RSS of this process, and its RSS after
+the work (the peak can be the load's: onnxruntime reads the weights twice while it prepacks them).
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ def decode_speed(gen: Generator, start: int, n: int) -> float:
     for i in range(n):
         token = int(np.argmax(gen.decode_one_token(token, start + i)))
     return n / (time.perf_counter() - t)
+
+
+def current_rss_mib() -> float | None:
+    """This process's resident memory now (Linux/Android; None elsewhere)."""
+    try:
+        return round(int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024, 1)
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _stats(values: list[float]) -> dict:
@@ -52,7 +61,9 @@ def bench_model(folder, profile: Profile, runs: int = 5, long_context: int = 100
         decode_long.append(decode_speed(gen, long_context, 32))
     # the peak of one load and the work above, as on a device; more loads (for the load time) come after it
     # because a reload's freed memory stays in the process and would count twice
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_after = current_rss_mib()
+    # the kernel updates ru_maxrss lazily: it can trail the current RSS by a few pages
+    peak_rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rss_after or 0)
     providers = gen.model.providers
     for _ in range(min(runs, 3) - 1):
         gen = None  # one session at a time
@@ -67,6 +78,7 @@ def bench_model(folder, profile: Profile, runs: int = 5, long_context: int = 100
         "decode_128_tok_s": _stats(decode),
         f"decode_at_{long_context}_tok_s": _stats(decode_long),
         "peak_rss_mib": round(peak_rss, 1),
+        "rss_after_mib": rss_after,
         "providers": providers,
         "accuracy_level": profile.accuracy_level,
         "prefill_accuracy_level": profile.prefill_accuracy_level,  # a second session for prompts, if set
@@ -83,6 +95,7 @@ def format_table(report: dict) -> str:
         if isinstance(value, dict) and "median" in value:
             lines.append(f"  {key:24s} median {value['median']:>8}  min {value['min']:>8}  max {value['max']:>8}")
     lines.append(f"  {'peak_rss_mib':24s} {report['peak_rss_mib']}")
+    lines.append(f"  {'rss_after_mib':24s} {report['rss_after_mib']}")
     lines.append(f"  {'fidelity':24s} {describe_verification(report.get('verification'))}")
     return "\n".join(lines)
 

@@ -423,6 +423,7 @@ def test_cli_bench_reports_every_figure(int4):
         assert report[key]["median"] > 0
     assert report["load_s"]["median"] >= 0  # the tiny model loads in milliseconds
     assert report["peak_rss_mib"] > 0
+    assert 0 < report["rss_after_mib"] <= report["peak_rss_mib"] or sys.platform != "linux"
     table = CliRunner().invoke(main, ["bench", str(int4), "--runs", "1", "--long-context", "64"]).output
     assert "decode_128_tok_s" in table and "not verified at export" in table  # the tests export without --verify
 
