@@ -134,6 +134,35 @@ def test_the_graph_takes_embeddings_and_holds_no_lookup(exported, tiny_tied):
     assert int(offset) == m["embedding"]["weight"]["offset"]
 
 
+def test_a_format_1_folder_with_the_lookup_in_the_graph_still_runs(exported, tiny_tied, tmp_path):
+    """Folders exported before format 2 take token ids (a Gather in the graph): same logits as format 2."""
+    import shutil
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    new = exported("fp32-tied", src=tiny_tied, precision="fp32")
+    old = tmp_path / "format1"
+    shutil.copytree(new, old)
+    model = onnx.load(old / "model.onnx", load_external_data=False)
+    graph = model.graph
+    embeds = graph.input[0]
+    assert embeds.name == "inputs_embeds"
+    graph.node.insert(0, helper.make_node("Gather", ["model.embed_tokens", "input_ids"], ["inputs_embeds"]))
+    graph.input.remove(embeds)
+    graph.input.insert(0, helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "sequence"]))
+    onnx.save(model, old / "model.onnx")
+    m = json.loads((old / "nomoat.json").read_text())
+    m["format_version"] = 1
+    del m["embedding"]
+    (old / "nomoat.json").write_text(json.dumps(m))
+    a, b = Generator(new), Generator(old, verify_files=False)
+    assert b.embedding is None
+    ids = a.encode("The capital of France is")
+    np.testing.assert_array_equal(a.prefill(ids), b.prefill(ids))
+    assert a.generate("The capital", max_tokens=8).tokens == b.generate("The capital", max_tokens=8).tokens
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="MADV_DONTNEED on /proc/self/smaps mappings: Linux only")
 def test_releasing_load_pages_never_drops_written_pages(tmp_path):
     """release_load_pages unmaps clean mappings of .data files under the given folders (their contents fault
