@@ -133,6 +133,7 @@ class LlamaBuilder:
         self.g = Graph(data_file, data_file.name)
         self.lora_inputs: list[dict] = []
         self.weight_kinds: dict[str, str] = {}
+        self.embedding: dict = {}  # the token lookup's tables (embedding_tables), for the manifest
         self._check_dims()
 
     def _check_dims(self) -> None:
