@@ -38,6 +38,10 @@ from .quantize import pack_zero_points, quantize_weight
 from .sources import Checkpoint, ExportError, LlamaConfig, QuantBlocks
 
 OPSET = 21
+# The lm_head runs as MatMulNBits over chunks of this many vocabulary rows (a multiple of 4096, so that every
+# chunk starts page-aligned in the data file): onnxruntime prepacks one weight at a time, with a heap copy
+# beside the mapped original, so the largest weight sets the peak memory of a load.
+LM_HEAD_ROWS = 12288
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -71,39 +75,41 @@ class Graph:
         self.tables: dict[str, dict] = {}  # name -> where its bytes are in the data file (for the runtime)
         self._count = 0
 
-    def init(self, name: str, array: np.ndarray, external: bool = False) -> str:
-        """An initializer; `external`: in the data file even when small (the runtime reads it too)."""
+    def init(self, name: str, array: np.ndarray) -> str:
         array = np.ascontiguousarray(array)
-        if array.nbytes < 1024 and not external:
+        if array.nbytes < 1024:
             self.inits.append(numpy_helper.from_array(array, name))
             return name
-        offset = self.table(name, array)["offset"]
-        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
-        t.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.data_name), ("offset", offset), ("length", array.nbytes)):
-            t.external_data.add(key=key, value=str(value))
-        self.inits.append(t)
-        return name
+        return self.view(name, self.table(name, array), 0, array.shape[0] if array.ndim else 1)
 
     def table(self, name: str, array: np.ndarray) -> dict:
-        """Write the array's bytes to the data file (page-aligned) and record where: {offset, dtype, shape}."""
+        """Write the array's bytes to the data file (page-aligned) and say where: {offset, dtype, shape}."""
         offset = -(-self.data.tell() // 4096) * 4096
         self.data.seek(offset)
         self.data.write(np.ascontiguousarray(array).tobytes())
         self.tables[name] = {"offset": offset, "dtype": array.dtype.name, "shape": list(array.shape)}
         return self.tables[name]
 
-    def scales(self, name: str, scales: np.ndarray, external: bool = False) -> str:
+    def view(self, name: str, table: dict, start: int, rows: int) -> str:
+        """An initializer over rows [start, start + rows) of a stored table: the same bytes, not a copy."""
+        dtype, shape = np.dtype(table["dtype"]), table["shape"]
+        row_bytes = dtype.itemsize * int(np.prod(shape[1:]))
+        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(dtype), dims=[rows, *shape[1:]])
+        t.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.data_name), ("offset", table["offset"] + start * row_bytes),
+                           ("length", rows * row_bytes)):
+            t.external_data.add(key=key, value=str(value))
+        self.inits.append(t)
+        return name
+
+    def scales(self, name: str, scales: np.ndarray) -> str:
         """Block scales, stored in half precision where that is lossless (GGUF's are fp16) and cast back
         to the fp32 that MatMulNBits takes. onnxruntime folds the Cast when it loads the graph (and the
         prepacked graph cache holds the result), so only the file shrinks: 2 bytes per block instead of 4."""
-        half = scales.astype(np.float16)
-        if not np.array_equal(half.astype(scales.dtype), scales):
-            return self.init(name, scales, external)
-        stored = self.init(f"{name}.f16", half, external)
-        if stored in self.tables:
-            self.tables[name] = self.tables[stored]
-        return self.op("Cast", [stored], outs=[name], to=TensorProto.FLOAT)[0]
+        half = half_if_lossless(scales)
+        if half.dtype == scales.dtype:
+            return self.init(name, scales)
+        return self.op("Cast", [self.init(f"{name}.f16", half)], outs=[name], to=TensorProto.FLOAT)[0]
 
     def const(self, values, dtype=np.int64) -> str:
         self._count += 1
@@ -183,16 +189,18 @@ class LlamaBuilder:
             outs = [self.matmul(x, w, f"{prefix}.{n}") for n, w in zip(names, ws, strict=True)]
         return [self.lora_branch(x, y, layer, n, w.shape) for n, y, w in zip(names, outs, ws, strict=True)]
 
-    def matmul(self, x: str, w: np.ndarray | QuantBlocks, name: str, shared: str | None = None) -> str:
-        """x @ w^T; `shared` names initializers already stored (the tied embedding)."""
+    def matmul(self, x: str, w: np.ndarray | QuantBlocks, name: str) -> str:
+        """x @ w^T."""
         g = self.g
         if isinstance(w, np.ndarray):
-            return g.op1("MatMul", [x, f"{shared}.weight_t" if shared else g.init(f"{name}.weight_t", w.T)], name=name)
+            return g.op1("MatMul", [x, g.init(f"{name}.weight_t", w.T)], name=name)
+        return self.quantized_matmul(x, w, name, g.init(f"{name}.qweight", w.packed), g.scales(f"{name}.scales", w.scales))
+
+    def quantized_matmul(self, x: str, w: QuantBlocks, name: str, qweight: str, scales: str,
+                         block_sums: str | None = None) -> str:
+        """MatMulNBits over stored blocks (+ the Q4_1 correction, from `block_sums` of x when given)."""
+        g = self.g
         n, k = w.shape
-        if shared:
-            qweight, scales = f"{shared}.qweight", f"{shared}.scales"
-        else:
-            qweight, scales = g.init(f"{name}.qweight", w.packed), g.scales(f"{name}.scales", w.scales)
         inputs = [x, qweight, scales]
         if w.zero_points is not None:
             inputs.append(g.init(f"{name}.zero_points", pack_zero_points(w.zero_points)))
@@ -202,10 +210,13 @@ class LlamaBuilder:
         if w.mins is None:
             return y
         # GGUF Q4_1: + sum_b blocksum(x)_b * mins[n, b]
-        blocks = g.op1("Reshape", [x, g.const([0, 0, k // w.block_size, w.block_size])])
-        bsum = g.op1("ReduceSum", [blocks, g.const([-1])], keepdims=0)
-        corr = g.op1("MatMul", [bsum, g.init(f"{name}.mins_t", w.mins.T)])
+        corr = g.op1("MatMul", [block_sums or self.block_sums(x, w), g.init(f"{name}.mins_t", w.mins.T)])
         return g.op1("Add", [y, corr])
+
+    def block_sums(self, x: str, w: QuantBlocks) -> str:
+        k = w.shape[1]
+        blocks = self.g.op1("Reshape", [x, self.g.const([0, 0, k // w.block_size, w.block_size])])
+        return self.g.op1("ReduceSum", [blocks, self.g.const([-1])], keepdims=0)
 
     def lora_branch(self, x: str, y: str, layer: int, target: str, shape: tuple[int, int]) -> str:
         if not self.opts.lora_rank or target not in self.opts.lora_targets:
@@ -222,28 +233,18 @@ class LlamaBuilder:
     def embedding_tables(self) -> None:
         """Store the token embedding for the runtime's lookup (edge/embedding.py) and describe it in
         self.embedding: the tables' places in the data file and how a row dequantizes,
-        (q - 2^(bits-1)) * scale (+ min). Tied embeddings are initializers that the lm_head shares."""
+        (q - 2^(bits-1)) * scale (+ min). A tied lm_head reads the same bytes (lm_head)."""
         g, w, name = self.g, self.embed, self.embed_name
-        tied = self.cfg.tie_word_embeddings
-
-        def table(suffix: str, array: np.ndarray) -> dict:
-            if tied:
-                g.init(name + suffix, array, external=True)
-                return g.tables[name + suffix]
-            return g.table(name + suffix, array)
-
         if isinstance(w, np.ndarray):
-            self.embedding = {"weight": table("", w)}
+            self.embedding = {"weight": g.table(name, w)}
             return
-        self.embedding = {"weight": table(".qweight", w.packed), "bits": w.bits, "block_size": w.block_size}
-        if tied:
-            g.scales(f"{name}.scales", w.scales, external=True)
-            self.embedding["scales"] = g.tables[f"{name}.scales"]
-        else:
-            half = w.scales.astype(np.float16)
-            self.embedding["scales"] = g.table(f"{name}.scales", half if np.array_equal(half, w.scales) else w.scales)
-        if w.mins is not None:  # the lm_head has its own transposed copy
+        self.embedding = {**self.block_tables(name, w), "bits": w.bits, "block_size": w.block_size}
+        if w.mins is not None:  # a Q4_1 lm_head has its own transposed copy
             self.embedding["mins"] = g.table(f"{name}.mins", w.mins)
+
+    def block_tables(self, name: str, w: QuantBlocks) -> dict:
+        return {"weight": self.g.table(f"{name}.qweight", w.packed),
+                "scales": self.g.table(f"{name}.scales", half_if_lossless(w.scales))}
 
     def attention(self, x: str, i: int) -> str:
         c, g = self.cfg, self.g
@@ -333,12 +334,38 @@ class LlamaBuilder:
         if not self.cfg.tie_word_embeddings:
             w = self.weight("lm_head.weight", bits)
             self.weight_kinds["lm_head"] = getattr(w, "kind", "fp32")
-            return self.matmul(x, w, "lm_head")
+            if isinstance(w, np.ndarray):
+                return self.matmul(x, w, "lm_head")
+            return self.chunked_lm_head(x, w, self.block_tables("lm_head", w))
         if isinstance(self.embed, np.ndarray):  # float and tied: Gemm reads the embedding transposed, no copy
+            table = g.view(self.embed_name, self.embedding["weight"], 0, self.cfg.vocab_size)
             x2 = g.op1("Reshape", [x, g.const([-1, self.cfg.hidden_size])])
-            y = g.op1("Gemm", [x2, self.embed_name], name="lm_head", transB=1)
+            y = g.op1("Gemm", [x2, table], name="lm_head", transB=1)
             return g.op1("Reshape", [y, g.const([1, -1, self.cfg.vocab_size])])
-        return self.matmul(x, self.embed, "lm_head", shared=self.embed_name)
+        return self.chunked_lm_head(x, self.embed, self.embedding)
+
+    def chunked_lm_head(self, x: str, w: QuantBlocks, tables: dict) -> str:
+        """MatMulNBits over LM_HEAD_ROWS-row chunks of the stored blocks (views, not copies), concatenated.
+        Logits as one node's; the load's peak memory lower (the 1B model's 100 MB lm_head: 1268 -> 1090 MiB)."""
+        g, n = self.g, w.shape[0]
+        sums = self.block_sums(x, w) if w.mins is not None else None  # shared by the chunks
+        outs = []
+        for start in range(0, n, LM_HEAD_ROWS):
+            rows = min(LM_HEAD_ROWS, n - start)
+            name = "lm_head" if rows == n else f"lm_head.{start // LM_HEAD_ROWS}"
+            scales = g.view(f"{name}.scales", tables["scales"], start, rows)
+            if tables["scales"]["dtype"] == "float16":
+                scales = g.op1("Cast", [scales], to=TensorProto.FLOAT)
+            chunk = w.take_rows(np.arange(start, start + rows))
+            outs.append(self.quantized_matmul(x, chunk, name, g.view(f"{name}.qweight", tables["weight"], start, rows),
+                                              scales, sums))
+        return outs[0] if len(outs) == 1 else g.op1("Concat", outs, axis=-1)
+
+
+def half_if_lossless(a: np.ndarray) -> np.ndarray:
+    """The array in float16 when that keeps every value (a GGUF's block scales), else as it is."""
+    half = a.astype(np.float16)
+    return half if np.array_equal(half.astype(a.dtype), a) else a
 
 
 def quantize_kv_cache(model: onnx.ModelProto, k_scales: np.ndarray, v_scales: np.ndarray) -> None:

@@ -296,7 +296,10 @@ def test_q4_0_gguf_blocks_are_imported_exactly(smollm2_gguf, tmp_path):
     # GGUF scales are fp16: the file keeps them so (2 bytes per block), the graph casts them back
     graph = onnx.load(int4 / "model.onnx", load_external_data=False).graph
     halves = [t for t in graph.initializer if t.name.endswith(".scales.f16")]
-    assert len(halves) == 2 * 4 + 1 and all(t.data_type == onnx.TensorProto.FLOAT16 for t in halves)
+    assert len(halves) == 2 * 4 and all(t.data_type == onnx.TensorProto.FLOAT16 for t in halves)
+    # the lm_head (untied, Q8_0; 49152 rows, so 4 chunks) reads its fp16 scales through views and Casts, too
+    head_scales = [t for t in graph.initializer if t.name.startswith("lm_head.") and t.name.endswith(".scales")]
+    assert len(head_scales) == 4 and all(t.data_type == onnx.TensorProto.FLOAT16 for t in head_scales)
     # the untied embedding keeps its own Q4_0 blocks, for the runtime's lookup alone (not in the graph)
     lookup = json.loads((int4 / "nomoat.json").read_text())["embedding"]
     assert lookup["bits"] == 4 and lookup["scales"]["dtype"] == "float16"

@@ -128,10 +128,35 @@ def test_the_graph_takes_embeddings_and_holds_no_lookup(exported, tiny_tied):
     graph = onnx.load(tied / "model.onnx", load_external_data=False).graph
     assert [i.name for i in graph.input][0] == "inputs_embeds"
     assert not [n for n in graph.node if n.op_type == "Gather"]
-    # the tied lm_head still reads the same bytes the lookup reads
-    (qweight,) = [t for t in graph.initializer if t.name == "model.embed_tokens.qweight"]
+    # the tied lm_head reads the same bytes the lookup reads
+    (qweight,) = [t for t in graph.initializer if t.name == "lm_head.qweight"]
     offset = {e.key: e.value for e in qweight.external_data}["offset"]
     assert int(offset) == m["embedding"]["weight"]["offset"]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_lm_head_in_row_chunks_gives_the_same_logits(tied, tiny, tiny_tied, tmp_path, monkeypatch):
+    """The lm_head as several MatMulNBits over row chunks (smaller prepack buffers at load) computes what one
+    does; the chunks are views of one stored table, consecutive in the file."""
+    import onnx
+    from conftest import export as export_folder
+
+    from export import builder
+
+    src = tiny_tied if tied else tiny
+    whole = export_folder(src, tmp_path / "whole", max_length=64)
+    monkeypatch.setattr(builder, "LM_HEAD_ROWS", 64)
+    chunked = export_folder(src, tmp_path / "chunked", max_length=64)
+    graph = onnx.load(chunked / "model.onnx", load_external_data=False).graph
+    heads = [n for n in graph.node if n.name.startswith("lm_head.") and n.op_type == "MatMulNBits"]
+    vocab = json.loads((chunked / "nomoat.json").read_text())["vocab_size"]
+    assert len(heads) == -(-vocab // 64) > 1 and any(n.op_type == "Concat" for n in graph.node)
+    offsets = [int({e.key: e.value for e in t.external_data}["offset"])
+               for t in graph.initializer if re.fullmatch(r"lm_head\.\d+\.qweight", t.name)]
+    assert offsets == sorted(offsets) and len(set(np.diff(offsets))) == 1  # one table, equal steps
+    a, b = Generator(whole), Generator(chunked)
+    ids = a.encode("The capital of France is")
+    np.testing.assert_array_equal(a.prefill(ids), b.prefill(ids))
 
 
 def test_a_format_1_folder_with_the_lookup_in_the_graph_still_runs(exported, tiny_tied, tmp_path):
