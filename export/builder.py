@@ -16,7 +16,8 @@ Block scales that fit half precision exactly (all of a GGUF's) are stored as fp1
 in the graph; onnxruntime folds the cast at load, so the weights file is ~8 % smaller for free.
 
 The token embedding is not in the graph: the runtime reads the rows a prompt needs from the weights
-file (edge/embedding.py; where they are is in nomoat.json) and feeds their float32 values.
+file (edge/embedding.py; where they are is in nomoat.json) and feeds their float32 values. The lm_head
+(tied: over the same bytes) runs in row chunks, which keeps the peak memory of a load down (LM_HEAD_ROWS).
 
 Graph interface (recorded in nomoat.json):
   inputs  inputs_embeds float32 [1, S, hidden], seqlens_k int32 [1] (= total length - 1),
