@@ -73,7 +73,7 @@ class Graph:
         self.inits: list[onnx.TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
-        self.tables: dict[str, dict] = {}  # name -> where its bytes are in the data file (for the runtime)
+        self.tables: dict[str, dict] = {}  # name -> where its bytes are in the data file (see table)
         self._count = 0
 
     def init(self, name: str, array: np.ndarray) -> str:
@@ -81,7 +81,7 @@ class Graph:
         if array.nbytes < 1024:
             self.inits.append(numpy_helper.from_array(array, name))
             return name
-        return self.view(name, self.table(name, array), 0, array.shape[0] if array.ndim else 1)
+        return self.view(name, self.table(name, array), 0, array.shape[0])
 
     def table(self, name: str, array: np.ndarray) -> dict:
         """Write the array's bytes to the data file (page-aligned) and say where: {offset, dtype, shape}."""
