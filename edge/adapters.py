@@ -87,13 +87,16 @@ class AdapterSet:
         self.manifest = manifest
         self.adapters: dict[str, Adapter] = {}
         self._combined: dict[tuple, dict[str, ort.OrtValue]] = {}
+        self.changes = 0  # counts adds and removes: keys and values computed before a change are stale
 
     def add(self, adapter: Adapter) -> None:
         self.adapters[adapter.name] = adapter
+        self.changes += 1
         self._combined = {k: v for k, v in self._combined.items() if adapter.name not in {n for n, _ in k}}
 
     def remove(self, name: str) -> None:
         self.adapters.pop(name, None)
+        self.changes += 1
         self._combined = {k: v for k, v in self._combined.items() if name not in {n for n, _ in k}}
 
     def inputs(self, selection: tuple[tuple[str, float], ...] = ()) -> dict[str, ort.OrtValue]:

@@ -4,6 +4,9 @@ Everything per step is bound once through IOBinding: the KV buffers (past == pre
 the LoRA slot tensors of the active adapters, the logits buffer. A decode step looks up its token's
 embedding (edge/embedding.py), updates three small inputs in place and runs the session; nothing else
 is copied.
+
+The cache outlives a call: a prompt that starts like the tokens it holds (a chat's history, a shared
+system prompt) is fed from the first token that differs (`prompt_logits`, profile.prompt_cache).
 """
 
 from __future__ import annotations
@@ -59,6 +62,9 @@ class Generator:
         self._binding = self.model.session.io_binding()
         self._prefill_binding: ort.IOBinding | None = None
         self._bindings = [self._binding]
+        self._cached: list[int] = []  # the tokens whose keys and values the cache holds, position by position
+        self._bound: tuple = ((), 0)  # (adapter selection, AdapterSet.changes) the cache was computed with
+        self._prompt_logits: tuple[int, np.ndarray] | None = None  # (length, logits) of the last prompt fed
         if not self.manifest.shared_kv:
             return
         self._logits = ort.OrtValue.ortvalue_from_shape_and_type([1, 1, self.vocab], np.float32, "cpu", 0)
@@ -90,12 +96,16 @@ class Generator:
             if selection:
                 raise GenerationError(f"{self.manifest.name} has no LoRA slots; it cannot apply adapters")
             return
+        # read before binding: an adapter installed meanwhile then costs a re-prefill, never a stale cache
+        bound = (tuple(selection), self.adapters.changes)
         try:
             for name, value in self.adapters.inputs(tuple(selection)).items():
                 for binding in self._bindings:
                     binding.bind_ortvalue_input(name, value)
         except Exception as e:
             raise GenerationError(str(e)) from e
+        if bound != self._bound:  # other adapters: the cached keys and values are no longer this model's
+            self._bound, self._cached, self._prompt_logits = bound, [], None
 
     # ---- the model calls -------------------------------------------------------------------
     def _inputs(self, tokens: list[int]) -> np.ndarray:
@@ -118,7 +128,13 @@ class Generator:
         if prefill and self._prefill_binding:
             session, binding = self.model.prefill_session, self._prefill_binding
         binding.bind_ortvalue_input(self._input_name, inputs)
+        start = total - len(tokens)
+        del self._cached[start:]  # before the run: a run that fails leaves these positions unknown
+        if self._prompt_logits and start < self._prompt_logits[0]:
+            self._prompt_logits = None
         session.run_with_iobinding(binding)
+        if start == len(self._cached):  # (a write past the known tokens claims nothing)
+            self._cached += tokens
         return self._logits.numpy()[0, 0]
 
     def _forward_concat(self, ids: np.ndarray, total: int) -> np.ndarray:
@@ -137,17 +153,48 @@ class Generator:
         self._past = {n.replace("present", "past_key_values"): v for n, v in outputs.items() if n.startswith("present")}
         return outputs["logits"][0, -1]
 
-    def prefill(self, tokens: list[int]) -> np.ndarray:
-        """Logits after the prompt. Long prompts go in chunks (profile.prefill_chunk): the same logits, but
-        the attention and MLP buffers of the largest run, which onnxruntime's arena keeps, stay small."""
+    def prefill(self, tokens: list[int], start: int = 0) -> np.ndarray:
+        """Logits after the prompt, feeding tokens[start:] on top of a cache that holds tokens[:start].
+        Long prompts go in chunks (profile.prefill_chunk): the same logits, but the attention and MLP buffers
+        of the largest run, which onnxruntime's arena keeps, stay small."""
         if not tokens:
             raise GenerationError("empty prompt")
+        if not 0 <= start < len(tokens):
+            raise GenerationError(f"prefill from position {start} of a {len(tokens)}-token prompt")
         step = self.model.profile.prefill_chunk or len(tokens)
-        long = len(tokens) >= self.model.profile.prefill_min_tokens  # the prefill session, if there is one
-        for start in range(0, len(tokens), step):
-            chunk = tokens[start:start + step]
-            logits = self._forward(chunk, start + len(chunk), prefill=long)
+        long = len(tokens) - start >= self.model.profile.prefill_min_tokens  # the prefill session, if any
+        for pos in range(start, len(tokens), step):
+            chunk = tokens[pos:pos + step]
+            logits = self._forward(chunk, pos + len(chunk), prefill=long)
         return logits
+
+    def cached_prefix(self, tokens: list[int]) -> int:
+        """How many leading tokens of `tokens` the cache already holds (0 with profile.prompt_cache off)."""
+        if not self.model.profile.prompt_cache:
+            return 0
+        n = 0
+        for held, token in zip(self._cached, tokens, strict=False):  # (the shorter one decides)
+            if held != token:
+                break
+            n += 1
+        return n
+
+    def prompt_logits(self, tokens: list[int]) -> tuple[np.ndarray, int]:
+        """Logits after the prompt and how many of its tokens were already in the cache, not fed again.
+
+        At least the last token is fed, unless the whole prompt is the last one fed, whose logits are kept:
+        the same prompt twice gives the same logits bit for bit. Cached prompt tokens give the logits of a fresh
+        prefill exactly; cached generated tokens were fed one at a time, whose int8 activation rounding differs
+        from a prompt pass's (SmolLM2: logits within ~1, the noise `nomoat export` verifies), so a follow-up's
+        answer can differ from a cold run's, as with llama.cpp's prompt cache."""
+        reused = self.cached_prefix(tokens)
+        last = self._prompt_logits
+        if reused == len(tokens) and last and last[0] == len(tokens):
+            return last[1].copy(), reused
+        reused = min(reused, len(tokens) - 1)
+        logits = self.prefill(tokens, reused)
+        self._prompt_logits = (len(tokens), logits.copy())
+        return logits, reused
 
     def decode_one_token(self, token: int, position: int) -> np.ndarray:
         """Logits after feeding `token` at `position` (0-based) on top of the cache."""
@@ -183,7 +230,7 @@ class Generator:
         decoder = TextDecoder(self.tokenizer, stop)
 
         t0 = time.perf_counter()
-        logits = self.prefill(tokens)
+        logits, cached = self.prompt_logits(tokens)
         t1 = time.perf_counter()
         out: list[int] = []
         steps = 0
@@ -213,9 +260,10 @@ class Generator:
         tail = decoder.flush()
         if tail:
             yield tail
+        fed = len(tokens) - cached
         yield Result(decoder.text, out, finish, len(tokens), {
-            "prefill_s": round(t1 - t0, 4), "decode_s": round(t2 - t1, 4),
-            "prefill_tok_s": round(len(tokens) / (t1 - t0), 1),
+            "prefill_s": round(t1 - t0, 4), "decode_s": round(t2 - t1, 4), "cached_tokens": cached,
+            "prefill_tok_s": round(fed / (t1 - t0), 1) if fed else 0.0,  # of the tokens fed
             "decode_tok_s": round(steps / (t2 - t1), 1) if steps else 0.0,
         })
 

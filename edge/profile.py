@@ -59,6 +59,9 @@ class Profile:
     prefill_min_tokens: int = 32
     context_length: int = 2048
     prefill_chunk: int = 128  # feed long prompts in chunks (0: at once): caps peak memory, and no slower
+    # Keep the cache between calls and feed a prompt from the first token the cache does not hold (a chat's
+    # history, a shared system prompt). Off: every prompt is fed whole.
+    prompt_cache: bool = True
     memory_cap_mb: int = 0  # informative: `nomoat doctor` warns when the model will not fit
     queue_size: int = 8
     max_prompt_chars: int = 16000

@@ -320,6 +320,48 @@ def test_timings_reported(int4):
     assert r.timings["prefill_tok_s"] > 0 and r.usage["prompt_tokens"] == r.prompt_tokens
 
 
+def test_prompt_cache_feeds_only_what_the_cache_lacks(int4):
+    """A follow-up prompt (a chat's next turn) is fed from the first token the cache does not hold: the same
+    logits as a fresh prefill (float rounding aside) and the same tokens; the same prompt again, bit for bit."""
+    from edge.profile import Profile
+
+    gen, fresh = Generator(int4), Generator(int4, Profile(prompt_cache=False))
+    first_ids = gen.encode("The capital of France is")
+    first = gen.generate(first_ids, max_tokens=8)
+    assert first.timings["cached_tokens"] == 0
+    follow = first_ids + first.tokens + gen.encode(" And of Spain?")
+    again = gen.generate(follow, max_tokens=8)
+    held = len(first_ids) + len(first.tokens) - (first.finish_reason == "length")  # the last token was never fed
+    assert again.timings["cached_tokens"] == held > len(first_ids)
+    assert again.tokens == fresh.generate(follow, max_tokens=8).tokens
+    assert fresh.generate(follow, max_tokens=8).timings["cached_tokens"] == 0  # off in that profile
+
+    diverging = follow[:5] + [7, 8, 9]  # shares five tokens with the cache
+    logits, reused = gen.prompt_logits(diverging)
+    assert reused == 5
+    np.testing.assert_allclose(logits, fresh.prefill(diverging), atol=1e-4)
+    repeat, reused = gen.prompt_logits(diverging)
+    assert reused == len(diverging)
+    np.testing.assert_array_equal(repeat, logits)
+    gen.decode_one_token(11, 0)  # overwrites position 0: nothing cached any more
+    assert gen.cached_prefix(diverging) == 0
+
+
+def test_prompt_cache_is_dropped_when_the_adapters_change(slots, packed):
+    gen = Generator(slots)
+    ids = gen.encode("The capital of France")
+    base = gen.generate(ids, max_tokens=8)
+    assert gen.generate(ids, max_tokens=8).timings["cached_tokens"] == len(ids)
+    gen.load_adapter(packed[0])
+    on = gen.generate(ids, max_tokens=8, adapters=(("a1", 1.0),))
+    assert on.timings["cached_tokens"] == 0 and on.tokens != base.tokens
+    assert gen.generate(ids, max_tokens=8, adapters=(("a1", 1.0),)).timings["cached_tokens"] == len(ids)
+    gen.load_adapter(packed[1], "a1")  # a new version under the same name (a fleet push)
+    assert gen.generate(ids, max_tokens=8, adapters=(("a1", 1.0),)).timings["cached_tokens"] == 0
+    off = gen.generate(ids, max_tokens=8)
+    assert off.timings["cached_tokens"] == 0 and off.tokens == base.tokens
+
+
 def test_adapter_changes_output_and_off_restores_base(slots, packed):
     gen = Generator(slots)
     base = gen.generate("The capital", max_tokens=16)
