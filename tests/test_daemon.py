@@ -167,6 +167,10 @@ def test_request_reply_with_response_topic_and_correlation(broker, daemon):
     assert "".join(m["delta"] for m in chunks) == final["text"]
     assert final["usage"]["completion_tokens"] <= 12 and final["finish_reason"] in ("stop", "length")
     assert final["text"] == Generator(daemon.gen.model.folder).generate("The capital", max_tokens=12).text
+    # the same prompt again: the device's cache holds it, and the answer is the same
+    c.send("nomoat/f/d1/prompt", {"id": "r1b", "prompt": "The capital", "max_tokens": 12})
+    again = c.until_done("r1b")[-1][1]
+    assert again["timings"]["cached_tokens"] == final["usage"]["prompt_tokens"] and again["text"] == final["text"]
     c.close()
 
 
