@@ -125,6 +125,18 @@ def _generator(model, profile, adapter_files=()):
     return gen
 
 
+def _fit_history(gen, history: list[dict], max_tokens: int) -> int:
+    """Drop the oldest exchanges (a system message stays) until the chat leaves room for an answer of
+    max_tokens (at most half the context); returns how many messages went."""
+    keep = 1 if history and history[0]["role"] == "system" else 0
+    room = min(max_tokens, gen.model.max_length // 2)
+    dropped = 0
+    while len(history) - keep > 1 and len(gen.encode(history)) + room > gen.model.max_length:
+        del history[keep:keep + 2]  # the oldest user message and its answer
+        dropped += 2
+    return dropped
+
+
 def _errors():
     from .adapters import AdapterError
     from .generate import GenerationError
@@ -195,6 +207,9 @@ def chat(model, max_tokens, temperature, system, profile):
             break
         history.append({"role": "user", "content": line})
         try:
+            if dropped := _fit_history(gen, history, max_tokens):
+                click.echo(f"[the {dropped} oldest messages no longer fit the context of {gen.model.max_length} "
+                           "tokens: dropped]", err=True)
             result = None
             for piece in gen.stream(history, max_tokens=max_tokens, params=SamplingParams(temperature=temperature)):
                 if isinstance(piece, str):

@@ -500,6 +500,18 @@ def test_cli_run_streams(int4):
     assert r.stdout.strip()
 
 
+def test_cli_chat_keeps_answering_when_the_history_outgrows_the_context(int4, tmp_path):
+    """Older turns make way (the system message stays), with a notice; the prompt cache feeds the new ones."""
+    (tmp_path / "small.toml").write_text("context_length = 96\n")
+    lines = "".join(f"Tell me about the number {i} and its neighbours.\n" for i in range(6))
+    r = subprocess.run([sys.executable, "-m", "edge.cli", "chat", str(int4), "--max-tokens", "12", "--temperature", "0",
+                        "--system", "Be brief.", "--profile", str(tmp_path / "small.toml")],
+                       input=lines, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "error" not in r.stderr and "oldest messages no longer fit the context of 96 tokens" in r.stderr
+    assert r.stdout.count("> ") >= 6  # a prompt for every line, every line answered
+
+
 def test_edge_does_not_import_torch(int4):
     code = ("import sys; from edge.generate import Generator; Generator(sys.argv[1]).generate('hi', max_tokens=2); "
             "import edge.cli, edge.bench; bad = [m for m in ('torch', 'transformers', 'optimum', 'onnx') "
