@@ -153,6 +153,8 @@ def _errors():
 @click.option("--temperature", type=float, default=0.0, show_default=True)
 @click.option("--top-p", type=float, default=1.0)
 @click.option("--top-k", type=int, default=0)
+@click.option("--min-p", type=float, default=0.0)
+@click.option("--repeat-penalty", type=float, default=1.0, help="Repetition penalty (1: off).")
 @click.option("--seed", type=int, default=None)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--adapter-file", multiple=True, type=click.Path(), help=".onnx_adapter file to load (repeatable).")
@@ -160,14 +162,15 @@ def _errors():
 @click.option("--profile", default=None, help="Device profile (file or name in firmware-configs/).")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
 @click.option("--timings", is_flag=True, help="Print token counts and speeds to stderr.")
-def run(model, prompt, max_tokens, temperature, top_p, top_k, seed, stop, adapter_file, adapters, profile, chat,
-        timings):
+def run(model, prompt, max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed, stop, adapter_file, adapters,
+        profile, chat, timings):
     """Generate a continuation of PROMPT, streamed to stdout."""
     from .sampling import SamplingParams
 
     try:
         gen = _generator(model, profile, adapter_file)
-        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                                repetition_penalty=repeat_penalty, seed=seed)
         text = [{"role": "user", "content": prompt}] if chat else prompt
         result = None
         for piece in gen.stream(text, max_tokens=max_tokens, params=params, stop=stop, adapters=_adapters(adapters)):

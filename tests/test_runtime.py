@@ -498,6 +498,9 @@ def test_cli_run_streams(int4):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stderr.strip().splitlines()[-1])["usage"]["completion_tokens"] <= 5
     assert r.stdout.strip()
+    r = subprocess.run([sys.executable, "-m", "edge.cli", "run", str(int4), "The capital", "--min-p", "1.5",
+                        "--repeat-penalty", "1.1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "min_p must be within [0, 1)" in r.stderr
 
 
 def test_cli_chat_keeps_answering_when_the_history_outgrows_the_context(int4, tmp_path):
