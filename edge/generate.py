@@ -183,10 +183,10 @@ class Generator:
         """Logits after the prompt and how many of its tokens were already in the cache, not fed again.
 
         At least the last token is fed, unless the whole prompt is the last one fed, whose logits are kept:
-        the same prompt twice gives the same logits bit for bit. Cached prompt tokens give the logits of a fresh
-        prefill exactly; cached generated tokens were fed one at a time, whose int8 activation rounding differs
-        from a prompt pass's (SmolLM2: logits within ~1, the noise `nomoat export` verifies), so a follow-up's
-        answer can differ from a cold run's, as with llama.cpp's prompt cache."""
+        the same prompt twice gives the same logits bit for bit. Cached prompt tokens change nothing measurable
+        (SmolLM2, a prompt split in two: bit-identical logits); cached generated tokens were fed one at a time,
+        whose int8 activation rounding differs from a prompt pass's (SmolLM2: logits within ~1, the path
+        `nomoat export` verifies), so a follow-up's answer can differ from a cold run's, as with llama.cpp's."""
         reused = self.cached_prefix(tokens)
         last = self._prompt_logits
         if reused == len(tokens) and last and last[0] == len(tokens):
