@@ -37,6 +37,9 @@ def main(int4_model: str, slots_model: str, adapter: str, kv16_model: str, gguf_
     g = Generator(gguf_model, Profile(accuracy_level=1, threads=1))
     out["gguf_logits"] = g.prefill(g.encode(PROMPT)).ravel().tolist()
     out["gguf_tokens"] = g.generate(PROMPT, max_tokens=8).tokens
+    # a follow-up that extends the cached prompt and answer (the prompt cache)
+    follow = g.generate(g.encode(PROMPT) + out["gguf_tokens"] + g.encode(" and"), max_tokens=8)
+    out["followup"] = {"tokens": follow.tokens, "cached": follow.timings["cached_tokens"]}
     # int8 KV cache (static per-channel scales)
     g = Generator(kv8_model, Profile(accuracy_level=1, threads=1))
     out["kv8_logits"] = g.prefill(g.encode(PROMPT)).ravel().tolist()

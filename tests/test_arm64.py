@@ -134,6 +134,7 @@ def test_runtime_on_aarch64_matches_x86(arm64, models, host, cpu, dotprod, board
 
     # the GGUF import (fp16 scales folded at load) on the fp32 path: the x86 tokens and logits
     assert arm["gguf_tokens"] == host["gguf_tokens"]
+    assert arm["followup"] == host["followup"] and arm["followup"]["cached"] >= len(host["gguf_tokens"])
     np.testing.assert_allclose(arm["gguf_logits"], host["gguf_logits"], atol=1e-4)
 
     # the int8 KV cache: the x86 tokens; logits equal but for a rounding tie flipping one cached step
