@@ -15,3 +15,17 @@ def test_shell_script_parses(script):
     shell = "sh" if "start-nomoat" in script.name else "bash"
     done = subprocess.run([shell, "-n", str(script)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_bench_chat_feeds_each_turn_from_the_cache(exported):
+    """tools/bench_chat.py: with the prompt cache, a later turn feeds fewer tokens than its whole prompt."""
+    import sys
+
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_chat.py"), str(exported("int4-tiny")),
+                          "--turns", "2", "--max-tokens", "4", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines() if line.split() and line.split()[0].isdigit()]
+    assert len(rows) == 2
+    for _turn, prompt, fed_off, _, fed_on, *_ in rows[1:]:
+        assert int(fed_on) < int(fed_off) and int(fed_on) < int(prompt)
