@@ -49,7 +49,8 @@ def distribution(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray
     ids, w = _kept(logits.astype(np.float32, copy=True), params)
     if ids is None:
         ids = np.arange(w.size)
-    return ids, w.astype(np.float64) / w.sum(dtype=np.float64)
+    possible = w > 0  # (float32 weights of tokens far below the best underflow to 0: never drawn)
+    return ids[possible], w[possible].astype(np.float64) / w.sum(dtype=np.float64)
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, seen: np.ndarray | None) -> int:
