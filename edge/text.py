@@ -66,13 +66,22 @@ class TextDecoder:
         self.full = ""  # decoded text so far (not yet cut at a stop string)
         self.text = ""  # released text
         self.stopped = False
+        self._start = self._done = 0  # ids[_start:_done] decoded last time, ids[_done:] not yet in `full`
+
+    def _tail(self) -> str:
+        """The text ids[_done:] add: the difference of two decodes from the same token, as vLLM and TGI detokenize
+        (a word-start space comes out as in a whole decode), at a cost that does not grow with the text."""
+        before = self.tokenizer.decode(self.ids[self._start:self._done])
+        after = self.tokenizer.decode(self.ids[self._start:])
+        return after[len(before):] if len(after) > len(before) else ""
 
     def add(self, token: int) -> str:
         self.ids.append(token)
-        decoded = self.tokenizer.decode(self.ids)
-        if decoded.endswith("\ufffd"):
-            return ""  # an incomplete multi-byte character: wait for the next token
-        self.full = decoded
+        tail = self._tail()
+        if not tail or tail.endswith("\ufffd"):
+            return ""  # nothing yet, or an incomplete multi-byte character: wait for the next token
+        self.full += tail
+        self._start, self._done = self._done, len(self.ids)
         for s in self.stop:
             cut = self.full.find(s, max(0, len(self.text) - len(s)))
             if cut >= 0:
@@ -83,6 +92,8 @@ class TextDecoder:
     def flush(self) -> str:
         if self.stopped:
             return ""
+        self.full += self._tail()  # whatever was held back as incomplete
+        self._start = self._done = len(self.ids)
         return self._release(self.full)
 
     def _release(self, upto: str) -> str:

@@ -308,6 +308,26 @@ def test_streaming_multibyte_characters(int4):
     assert all("\ufffd" not in d for d in deltas)
 
 
+def test_incremental_decoding_equals_one_decode_of_a_long_text(int4):
+    """Deltas come from decoding a few tokens back, not the whole text each time: over a long mixed text they
+    still join to exactly one decode of all the ids, and a stop string far in is cut exactly."""
+    from edge.text import TextDecoder
+
+    gen = Generator(int4)
+    text = "".join(f"Line {i}: naïve café, 東京 {i * 7} 😀 — ok.\n" for i in range(60))
+    ids = gen.tokenizer.encode(text)
+    assert len(ids) > 500
+    dec = TextDecoder(gen.tokenizer)
+    assert "".join([dec.add(t) for t in ids] + [dec.flush()]) == gen.tokenizer.decode(ids) == dec.text
+    dec = TextDecoder(gen.tokenizer, stop=["東京 350"])
+    pieces = []
+    for t in ids:
+        pieces.append(dec.add(t))
+        if dec.stopped:
+            break
+    assert "".join(pieces) == dec.text == text[: text.index("東京 350")]
+
+
 def test_chat_template(int4):
     gen = Generator(int4)
     text = gen.tokenizer.chat([{"role": "user", "content": "hi"}])
