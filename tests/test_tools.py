@@ -29,3 +29,21 @@ def test_bench_chat_feeds_each_turn_from_the_cache(exported):
     assert len(rows) == 2
     for _turn, prompt, fed_off, _, fed_on, *_ in rows[1:]:
         assert int(fed_on) < int(fed_off) and int(fed_on) < int(prompt)
+
+
+def test_profile_decode_accounts_for_every_layer(exported):
+    """tools/profile_decode.py: one GroupQueryAttention and one of each linear per layer and step, shares add up."""
+    import json
+    import sys
+
+    folder = exported("int4-tiny")
+    layers = json.loads((folder / "nomoat.json").read_text())["config"]["num_layers"]
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "profile_decode.py"), str(folder),
+                          "--context", "8", "--tokens", "4", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    rows = {line[:34].strip(): line[34:].split() for line in out.stdout.splitlines()[3:]}
+    assert int(rows["GroupQueryAttention"][2]) == layers
+    for weight in ("self_attn.q_k_v", "self_attn.o_proj", "mlp.gate_up", "mlp.down_proj"):
+        assert int(rows[f"MatMulNBits {weight}"][2]) == layers, rows
+    assert sum(float(share.rstrip("%")) for _, share, _ in rows.values()) == pytest.approx(100, abs=0.5)
