@@ -14,7 +14,16 @@ import time
 import numpy as np
 
 from .generate import GenerationError, Generator
-from .profile import Profile
+from .profile import Profile, load_profile
+
+
+def experiment_profile(name: str, threads: int, context: int) -> Profile:
+    """A profile for in-process experiments (tools/ab_decode.py, tools/profile_decode.py): these threads, room for
+    `context` tokens, and no graph cache, so that each folder runs its own graph."""
+    profile = load_profile(name)
+    profile.threads, profile.optimized_model_cache = threads, None
+    profile.context_length = max(profile.context_length, context)
+    return profile
 
 
 def decode_speed(gen: Generator, start: int, n: int) -> float:

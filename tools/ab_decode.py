@@ -12,9 +12,8 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from edge.bench import decode_speed
+from edge.bench import decode_speed, experiment_profile
 from edge.generate import Generator
-from edge.profile import load_profile
 
 
 def main() -> None:
@@ -26,9 +25,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--profile", default="x86-64-dev")
     a = ap.parse_args()
-    profile = load_profile(a.profile)
-    profile.threads, profile.optimized_model_cache = a.threads, None
-    profile.context_length = max(profile.context_length, a.context + a.tokens + 1)
+    profile = experiment_profile(a.profile, a.threads, a.context + a.tokens + 1)
     gens = {f: Generator(f, profile, verify_files=False) for f in a.folders}
     prompt = [100 + (i * 37) % 40000 for i in range(a.context)]
     found: dict[str, list[float]] = {f: [] for f in gens}

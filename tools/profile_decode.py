@@ -17,14 +17,11 @@ import collections
 import json
 import re
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
-
 import edge.model
+from edge.bench import decode_speed, experiment_profile
 from edge.generate import Generator
-from edge.profile import load_profile
 
 
 def kernel_times(trace: Path, steps: int) -> tuple[collections.Counter, collections.Counter]:
@@ -48,11 +45,8 @@ def kernel_times(trace: Path, steps: int) -> tuple[collections.Counter, collecti
 
 def decode(gen: Generator, prompt: list[int], steps: int) -> float:
     """Seconds per greedy decode step after prefilling `prompt`."""
-    logits = gen.prefill(prompt)
-    start = time.perf_counter()
-    for i in range(steps):
-        logits = gen.decode_one_token(int(np.argmax(logits)), len(prompt) + i)
-    return (time.perf_counter() - start) / steps
+    gen.prefill(prompt)
+    return 1 / decode_speed(gen, len(prompt), steps)
 
 
 def main() -> None:
@@ -63,9 +57,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--profile", default="x86-64-dev")
     a = ap.parse_args()
-    profile = load_profile(a.profile)
-    profile.threads, profile.optimized_model_cache = a.threads, None
-    profile.context_length = max(profile.context_length, a.context + a.tokens + 1)
+    profile = experiment_profile(a.profile, a.threads, a.context + a.tokens + 1)
     plain = Generator(a.folder, profile, verify_files=False)
     prompt = [(100 + i * 37) % plain.vocab for i in range(a.context)]
     wall = decode(plain, prompt, a.tokens)
