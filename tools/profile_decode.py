@@ -64,20 +64,20 @@ def main() -> None:
     del plain
 
     plain_options = edge.model._session_options
-    trace_dir = tempfile.mkdtemp(prefix="nomoat-profile-")
+    with tempfile.TemporaryDirectory(prefix="nomoat-profile-") as trace_dir:
 
-    def profiled_options(*args, **kwargs):  # the runtime's own session options, with the profiler on
-        so = plain_options(*args, **kwargs)
-        so.enable_profiling, so.profile_file_prefix = True, f"{trace_dir}/decode"
-        return so
+        def profiled_options(*args, **kwargs):  # the runtime's own session options, with the profiler on
+            so = plain_options(*args, **kwargs)
+            so.enable_profiling, so.profile_file_prefix = True, f"{trace_dir}/decode"
+            return so
 
-    edge.model._session_options = profiled_options
-    try:
-        gen = Generator(a.folder, profile, verify_files=False)
-    finally:
-        edge.model._session_options = plain_options
-    traced = decode(gen, prompt, a.tokens)
-    micros, nodes = kernel_times(Path(gen.model.session.end_profiling()), a.tokens)
+        edge.model._session_options = profiled_options
+        try:
+            gen = Generator(a.folder, profile, verify_files=False)
+        finally:
+            edge.model._session_options = plain_options
+        traced = decode(gen, prompt, a.tokens)
+        micros, nodes = kernel_times(Path(gen.model.session.end_profiling()), a.tokens)
 
     total = sum(micros.values())
     print(f"{a.folder}: context {a.context}, {a.tokens} steps, {a.threads} threads")
