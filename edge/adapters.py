@@ -9,6 +9,7 @@ each B scaled by its weight; the combined OrtValues are cached, so switching is 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,24 +81,32 @@ def check_adapter(meta: dict, tensors: dict[str, np.ndarray], manifest: Manifest
             raise AdapterError(f"{label}: rank {min(arr.shape)} exceeds the model's slot rank {lora['rank']}")
 
 
+KEEP_SELECTIONS = 8
+
+
 class AdapterSet:
     """Loaded adapters and the combined slot tensors for each active selection."""
 
     def __init__(self, manifest: Manifest):
         self.manifest = manifest
         self.adapters: dict[str, Adapter] = {}
-        self._combined: dict[tuple, dict[str, ort.OrtValue]] = {}
+        # the most recent selections only: every distinct scale a request names would otherwise add a copy
+        self._combined: OrderedDict[tuple, dict[str, ort.OrtValue]] = OrderedDict()
         self.changes = 0  # counts adds and removes: keys and values computed before a change are stale
 
     def add(self, adapter: Adapter) -> None:
         self.adapters[adapter.name] = adapter
         self.changes += 1
-        self._combined = {k: v for k, v in self._combined.items() if adapter.name not in {n for n, _ in k}}
+        self._forget(adapter.name)
 
     def remove(self, name: str) -> None:
         self.adapters.pop(name, None)
         self.changes += 1
-        self._combined = {k: v for k, v in self._combined.items() if name not in {n for n, _ in k}}
+        self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        for key in [k for k in self._combined if name in {n for n, _ in k}]:
+            del self._combined[key]
 
     def inputs(self, selection: tuple[tuple[str, float], ...] = ()) -> dict[str, ort.OrtValue]:
         """OrtValues for every slot input: the selected adapters stacked, zero-rank elsewhere."""
@@ -108,6 +117,9 @@ class AdapterSet:
                     known = ", ".join(sorted(self.adapters)) or "none loaded"
                     raise AdapterError(f"unknown adapter {name!r} ({known})")
             self._combined[key] = self._stack(key)
+            while len(self._combined) > KEEP_SELECTIONS:
+                self._combined.popitem(last=False)
+        self._combined.move_to_end(key)
         return self._combined[key]
 
     def _stack(self, selection) -> dict[str, ort.OrtValue]:

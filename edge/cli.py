@@ -377,16 +377,26 @@ def _fleet_settings(broker, fleet_name):
     return MqttSettings(broker=broker, fleet=fleet_name)
 
 
+def _adapter_name(ctx, param, value):
+    """Adapter names are a strict grammar (topic levels and folder names), checked here and on every device."""
+    from .fleet import PushRejected, check_name
+
+    try:
+        return check_name(value)
+    except PushRejected as e:
+        raise click.BadParameter(str(e)) from None
+
+
 @fleet.command("push")
 @click.argument("adapter_file", type=click.Path(exists=True))
-@click.option("--name", required=True)
+@click.option("--name", required=True, callback=_adapter_name)
 @click.option("--fleet", "fleet_name", required=True)
 @click.option("--broker", required=True)
 @click.option("--key", required=True, type=click.Path(exists=True))
 @click.option("--version", "version", type=int, default=None, help="Default: the adapter file's own version.")
 @click.option("--activate", is_flag=True, help="Make it the devices' default adapter.")
 @click.option("--scale", type=float, default=1.0)
-@click.option("--chunk-size", type=int, default=128 * 1024, show_default=True)
+@click.option("--chunk-size", type=click.IntRange(1, 1024 * 1024), default=128 * 1024, show_default=True)
 @click.option("--expires-in", type=float, default=None, help="Seconds until devices refuse the manifest.")
 @click.option("--wait-for", type=int, default=0, metavar="N",
               help="Wait until N devices report installed (activated with --activate) or rejected; print times.")
@@ -448,7 +458,7 @@ def fleet_status(fleet_name, broker, wait):
 
 
 @fleet.command("rollback")
-@click.argument("name")
+@click.argument("name", callback=_adapter_name)
 @click.option("--to-version", type=int, required=True)
 @click.option("--fleet", "fleet_name", required=True)
 @click.option("--broker", required=True)
@@ -459,7 +469,7 @@ def fleet_rollback(name, to_version, fleet_name, broker, key):
 
 
 @fleet.command("remove")
-@click.argument("name")
+@click.argument("name", callback=_adapter_name)
 @click.option("--fleet", "fleet_name", required=True)
 @click.option("--broker", required=True)
 @click.option("--key", required=True, type=click.Path(exists=True))

@@ -5,6 +5,10 @@ that generates (the CPU is the bottleneck, so one request at a time). Requests a
 acknowledged only when answered (manual ack), with a persistent session: a daemon that dies
 mid-request gets the prompt again from the broker, and prompts sent while it was offline are
 delivered when it comes back. Repeated ids are answered once (finished answers are replayed).
+
+No message may kill a thread or go unanswered: every callback and the worker catch per message, answer
+with an error code where the message named a way to answer, log once and move on, and acknowledge it (a
+message that cannot be handled is dropped, not redelivered forever).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from . import __version__
 from . import protocol as proto
+from .fleet import MAX_CHUNK, MAX_MANIFEST
 from .generate import GenerationError, Generator
 from .profile import MqttSettings, Profile
 
@@ -48,13 +53,22 @@ def make_client(settings: MqttSettings, client_id: str, persistent: bool, manual
     return client
 
 
-def connect(client: mqtt.Client, settings: MqttSettings) -> None:
+def connect(client: mqtt.Client, settings: MqttSettings, max_packet: int = 0) -> None:
+    """Connect in the background (paho reconnects); `max_packet`: the largest packet the broker may send us."""
     props = Properties(PacketTypes.CONNECT)
     if client._nomoat_persistent:  # noqa: SLF001
         props.SessionExpiryInterval = settings.session_expiry
+    if max_packet:
+        props.MaximumPacketSize = max_packet
     b = client._nomoat_broker  # noqa: SLF001
     client.connect_async(b.host, b.port, keepalive=settings.keepalive,
                          clean_start=not client._nomoat_persistent, properties=props)  # noqa: SLF001
+
+
+def _response_topic(msg: mqtt.MQTTMessage, topics: proto.Topics) -> str | None:
+    """The request's MQTT 5 Response Topic if it may be used (`protocol.check_response_topic`), else None."""
+    topic = getattr(getattr(msg, "properties", None), "ResponseTopic", None)
+    return topic if topic is not None and proto.check_response_topic(topic, topics) is None else None
 
 
 @dataclass
@@ -63,6 +77,7 @@ class Job:
     reply_topic: str
     correlation: bytes | None
     mid: int | None  # broker message id to acknowledge once answered
+    qos: int
     cancelled: bool = False
 
 
@@ -88,6 +103,10 @@ class Daemon:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.hooks: list = []  # extra (topic filter, handler) pairs, e.g. the fleet adapter updater
+        self.subscriptions: list[str] = []  # extra topic filters to subscribe to on every connect
+        self.disconnects = 0
+        # the broker drops larger messages instead of sending them: a prompt, a manifest or a chunk fits
+        self.max_packet = max(profile.max_payload_bytes, MAX_CHUNK, MAX_MANIFEST) + 64 * 1024
 
     # ---- MQTT callbacks (paho's network thread) -----------------------------------------------
     def _on_connect(self, client, userdata, flags, reason, properties):
@@ -97,11 +116,12 @@ class Daemon:
         log.info("connected to %s (session present: %s)", self.profile.mqtt.broker, flags.session_present)
         opts = SubscribeOptions(qos=1)
         subs = [(self.topics.prompt, opts), (self.topics.pool_shared, opts), (self.topics.cancel, opts)]
-        subs += [(topic, opts) for topic, _ in self.hooks]
+        subs += [(topic, opts) for topic in self.subscriptions]
         client.subscribe(subs)
         self.publish_status()
 
     def _on_disconnect(self, client, userdata, flags, reason, properties):
+        self.disconnects += 1
         if not self.stopping.is_set():
             log.warning("disconnected from broker (%s); reconnecting", reason)
 
@@ -116,53 +136,64 @@ class Daemon:
                 for topic, handler in self.hooks:
                     if mqtt.topic_matches_sub(topic, msg.topic):
                         handler(msg)
-        except Exception:  # a handler bug must not take the network loop down
+        except Exception as e:  # a bug must not take the network loop down, nor leave a prompt unanswered
             log.exception("error handling a message on %s", msg.topic)
+            if msg.topic in (self.topics.prompt, self.topics.pool):
+                self._reject(proto._sniff_id(msg.payload), "internal", str(e), _response_topic(msg, self.topics),
+                             getattr(getattr(msg, "properties", None), "CorrelationData", None), msg.mid, msg.qos)
+                return
         self._ack(msg.mid, msg.qos)
 
-    def _ack(self, mid: int | None, qos: int = 1) -> None:
-        if mid is not None and qos > 0:
+    def _ack(self, mid: int | None, qos: int) -> None:
+        if mid is not None and qos > 0:  # QoS 0 has nothing to acknowledge (a PUBACK for it is a protocol error)
             self.client.ack(mid, qos)
 
     def _submit(self, msg: mqtt.MQTTMessage) -> None:
         p = self.profile
-        props = getattr(msg, "properties", None)
-        response = getattr(props, "ResponseTopic", None)
-        correlation = getattr(props, "CorrelationData", None)
+        response = _response_topic(msg, self.topics)
+        correlation = getattr(getattr(msg, "properties", None), "CorrelationData", None)
         try:
             req = proto.parse_request(msg.payload, p.max_payload_bytes, p.max_prompt_chars, p.max_new_tokens)
         except proto.RequestError as e:
-            self._reject(e.request_id, e.code, e.message, response, correlation, msg.mid)
+            self._reject(e.request_id, e.code, e.message, response, correlation, msg.mid, msg.qos)
+            return
+        asked = getattr(getattr(msg, "properties", None), "ResponseTopic", None)
+        if asked is not None and response is None:  # refused: answered on the fallback topic, saying why
+            why = proto.check_response_topic(asked, self.topics)
+            self._reject(req.id, "invalid_request", f"Response Topic {asked[:200]!r} refused: {why}", None,
+                         correlation, msg.mid, msg.qos)
             return
         reply = response or self.topics.reply(req.id)
         with self.lock:
             if req.id in self.jobs:  # a redelivery of what we are working on: answered once
-                self._ack(msg.mid)
+                self._ack(msg.mid, msg.qos)
                 return
             if req.id in self.done:  # already answered: replay the answer
                 self._publish(reply, self.done[req.id], correlation)
-                self._ack(msg.mid)
+                self._ack(msg.mid, msg.qos)
                 return
-            job = Job(req, reply, correlation, msg.mid)
+            job = Job(req, reply, correlation, msg.mid, msg.qos)
             try:
                 self.queue.put_nowait(job)
             except queue.Full:
                 self._reject(req.id, "busy", f"queue full ({p.queue_size} waiting); retry later", response,
-                             correlation, msg.mid)
+                             correlation, msg.mid, msg.qos)
                 return
             self.jobs[req.id] = job
         self.publish_status()
 
-    def _reject(self, rid, code, message, response, correlation, mid) -> None:
+    def _reject(self, rid, code, message, response, correlation, mid, qos) -> None:
         if response or rid:
             self._publish(response or self.topics.reply(rid), proto.error(rid, code, message), correlation)
         self._log(rid, event="rejected", code=code, message=message, replied=bool(response or rid))
-        self._ack(mid)
+        self._ack(mid, qos)
 
     def _cancel(self, payload: bytes) -> None:
         try:
             rid = json.loads(payload)["id"]
-        except (ValueError, KeyError, TypeError):
+            if not isinstance(rid, str):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, IndexError, RecursionError):
             log.warning("ignored a malformed cancel message")
             return
         with self.lock:
@@ -177,7 +208,10 @@ class Daemon:
         if correlation is not None:
             props = Properties(PacketTypes.PUBLISH)
             props.CorrelationData = correlation
-        self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        try:
+            self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        except (ValueError, TypeError) as e:  # topics are checked before; never let a reply kill a thread
+            log.error("could not publish to %r: %s", topic[:200], e)
 
     def _status(self, state: str) -> bytes:
         m = self.gen.manifest
@@ -211,22 +245,28 @@ class Daemon:
                 job = self.queue.get(timeout=0.2)
             except queue.Empty:
                 continue
-            self.current = job
-            self.publish_status()
             try:
-                payload = self._answer(job)
-            except Exception as e:  # never leave a request hanging
-                log.exception("request %s failed", job.request.id)
-                payload = proto.error(job.request.id, "internal", str(e))
-            with self.lock:
-                self.done[job.request.id] = payload
-                while len(self.done) > 256:
-                    self.done.popitem(last=False)
-                self.jobs.pop(job.request.id, None)
-                self.current = None
-            self._publish(job.reply_topic, payload, job.correlation)
-            self._ack(job.mid)
-            self.publish_status()
+                self._run(job)
+            except Exception:  # a bug in the bookkeeping: log it, and keep the worker alive
+                log.exception("request %s", job.request.id)
+
+    def _run(self, job: Job) -> None:
+        self.current = job
+        self.publish_status()
+        try:
+            payload = self._answer(job)
+        except Exception as e:  # never leave a request hanging
+            log.exception("request %s failed", job.request.id)
+            payload = proto.error(job.request.id, "internal", str(e))
+        with self.lock:
+            self.done[job.request.id] = payload
+            while len(self.done) > 256:
+                self.done.popitem(last=False)
+            self.jobs.pop(job.request.id, None)
+            self.current = None
+        self._publish(job.reply_topic, payload, job.correlation)
+        self._ack(job.mid, job.qos)
+        self.publish_status()
 
     def _answer(self, job: Job) -> bytes:
         req = job.request
@@ -252,10 +292,8 @@ class Daemon:
                 else:
                     result = piece
         except GenerationError as e:
-            code = "unknown_adapter" if "adapter" in str(e) else \
-                "context_length" if "context" in str(e) else "invalid_request"
-            self._log(req.id, event="error", code=code, message=str(e))
-            return proto.error(req.id, code, str(e))
+            self._log(req.id, event="error", code=e.code, message=str(e))
+            return proto.error(req.id, e.code, str(e))
         self.last_tok_s = result.timings.get("decode_tok_s", 0.0)
         self._log(req.id, prompt_tokens=result.prompt_tokens, tokens=len(result.tokens),
                   tok_s=self.last_tok_s, finish=result.finish_reason)
@@ -263,7 +301,7 @@ class Daemon:
 
     # ---- life cycle ----------------------------------------------------------------------------
     def start(self) -> None:
-        connect(self.client, self.profile.mqtt)
+        connect(self.client, self.profile.mqtt, self.max_packet)
         self.client.loop_start()
         self.worker = threading.Thread(target=self._work, name="nomoat-worker", daemon=True)
         self.worker.start()

@@ -28,7 +28,12 @@ from .text import TextDecoder, Tokenizer
 
 
 class GenerationError(ValueError):
-    """A request that cannot be served (too long, bad parameters, unknown adapter)."""
+    """A request that cannot be served (too long, bad parameters, unknown adapter); `code` is the protocol's
+    error code for it."""
+
+    def __init__(self, message: str, code: str = "invalid_request"):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -94,7 +99,8 @@ class Generator:
         """Bind the stacked slot tensors of these adapters (a pointer swap once cached)."""
         if not self.manifest.lora["rank"]:
             if selection:
-                raise GenerationError(f"{self.manifest.name} has no LoRA slots; it cannot apply adapters")
+                raise GenerationError(f"{self.manifest.name} has no LoRA slots; it cannot apply adapters",
+                                      "unknown_adapter")
             return
         # read before binding: an adapter installed meanwhile then costs a re-prefill, never a stale cache
         bound = (tuple(selection), self.adapters.changes)
@@ -103,7 +109,7 @@ class Generator:
                 for binding in self._bindings:
                     binding.bind_ortvalue_input(name, value)
         except Exception as e:
-            raise GenerationError(str(e)) from e
+            raise GenerationError(str(e), "unknown_adapter") from e
         if bound != self._bound:  # other adapters: the cached keys and values are no longer this model's
             self._bound, self._cached, self._prompt_logits = bound, [], None
 
@@ -206,7 +212,8 @@ class Generator:
             raise GenerationError("empty prompt")
         room = self.model.max_length - len(tokens)
         if room < 1:
-            raise GenerationError(f"prompt is {len(tokens)} tokens; the context limit is {self.model.max_length}")
+            raise GenerationError(f"prompt is {len(tokens)} tokens; the context limit is {self.model.max_length}",
+                                  "context_length")
         return min(max_tokens, room)
 
     def stream(self, prompt: str | list[int] | list[dict], max_tokens: int = 128,
@@ -275,7 +282,11 @@ class Generator:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
         if prompt and all(isinstance(m, dict) for m in prompt):
-            return self.tokenizer.encode(self.tokenizer.chat(prompt), add_special_tokens=False)
+            try:
+                text = self.tokenizer.chat(prompt)
+            except Exception as e:  # the model's template may refuse roles or orders (raise_exception)
+                raise GenerationError(f"the chat template refused these messages: {e}") from e
+            return self.tokenizer.encode(text, add_special_tokens=False)
         if all(isinstance(t, int) and 0 <= t < self.vocab for t in prompt):
             return list(prompt)
         raise GenerationError("prompt must be text, a list of chat messages or a list of token ids")

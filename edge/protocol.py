@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from urllib.parse import urlparse
 from .sampling import SamplingParams
 
 PROTOCOL_VERSION = 1
-_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")  # ids appear in topic names: no '/', '+', '#'
+_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")  # ids appear in topic names: no '/', '+', '#' (fullmatch: no "\n")
 _FIELDS = {"id", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "min_p",
            "repetition_penalty", "seed", "stop", "adapters", "stream", "deadline"}
 
@@ -77,7 +78,22 @@ def _typed(data: dict, key: str, kinds, rid, default=None):
         raise RequestError("invalid_request", f"{key} has the wrong type", rid)
     if not isinstance(value, kinds):
         raise RequestError("invalid_request", f"{key} has the wrong type", rid)
+    if isinstance(value, float) and not math.isfinite(value):  # 1e999 parses as inf
+        raise RequestError("invalid_request", f"{key} must be a finite number", rid)
     return value
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")  # Python's json would take NaN and Infinity
+
+
+def _text(value: str) -> bool:
+    """A string that is Unicode text: JSON's \\ud800 escapes can make lone surrogates, which no tokenizer takes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_request(payload: bytes, max_payload: int, max_prompt_chars: int, max_new_tokens: int) -> Request:
@@ -86,15 +102,16 @@ def parse_request(payload: bytes, max_payload: int, max_prompt_chars: int, max_n
         raise RequestError("too_large", f"payload is {len(payload)} bytes; the limit is {max_payload}",
                            _sniff_id(payload))
     try:
-        data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RequestError("invalid_json", f"payload is not JSON: {e}") from None
+        data = json.loads(payload, parse_constant=_no_constant)
+    except RecursionError:
+        raise RequestError("invalid_json", "payload is nested too deeply", _sniff_id(payload)) from None
+    except ValueError as e:  # bad UTF-8, bad JSON, NaN, integers of 4300+ digits
+        raise RequestError("invalid_json", f"payload is not JSON: {str(e)[:200]}", _sniff_id(payload)) from None
     if not isinstance(data, dict):
         raise RequestError("invalid_request", "payload must be a JSON object")
     rid = data.get("id")
-    if not isinstance(rid, str) or not _ID.match(rid):
-        raise RequestError("invalid_request", "id is required: 1-128 characters of [A-Za-z0-9_.:-]",
-                           rid if isinstance(rid, str) and _ID.match(rid or "") else None)
+    if not isinstance(rid, str) or not _ID.fullmatch(rid):
+        raise RequestError("invalid_request", "id is required: 1-128 characters of [A-Za-z0-9_.:-]")
     unknown = sorted(set(data) - _FIELDS)
     if unknown:
         raise RequestError("invalid_request", f"unknown fields: {', '.join(unknown)}", rid)
@@ -102,13 +119,13 @@ def parse_request(payload: bytes, max_payload: int, max_prompt_chars: int, max_n
     if (prompt is None) == (messages is None):
         raise RequestError("invalid_request", "give exactly one of prompt or messages", rid)
     if prompt is not None:
-        if not isinstance(prompt, str) or not prompt:
-            raise RequestError("invalid_request", "prompt must be a non-empty string", rid)
+        if not isinstance(prompt, str) or not prompt or not _text(prompt):
+            raise RequestError("invalid_request", "prompt must be a non-empty string of Unicode text", rid)
         size = len(prompt)
     else:
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages):
+                and _text(m["role"]) and _text(m["content"]) for m in messages):
             raise RequestError("invalid_request", "messages must be a list of {role, content} strings", rid)
         prompt = [{"role": m["role"], "content": m["content"]} for m in messages]
         size = sum(len(m["content"]) for m in prompt)
@@ -125,19 +142,27 @@ def parse_request(payload: bytes, max_payload: int, max_prompt_chars: int, max_n
         repetition_penalty=float(_typed(data, "repetition_penalty", (int, float), rid, 1.0)),
         seed=_typed(data, "seed", int, rid, None),
     )
+    if params.seed is not None and not 0 <= params.seed < 2**64:
+        raise RequestError("invalid_request", "seed must be within 0 ... 2^64-1", rid)
     try:
         params.validate()
     except ValueError as e:
         raise RequestError("invalid_request", str(e), rid) from None
     stop = _typed(data, "stop", (list, str), rid, [])
     stop = [stop] if isinstance(stop, str) else stop
-    if not all(isinstance(s, str) for s in stop) or len(stop) > 8:
-        raise RequestError("invalid_request", "stop must be a string or a list of at most 8 strings", rid)
+    if len(stop) > 8 or not all(isinstance(s, str) and 0 < len(s) <= 256 and _text(s) for s in stop):
+        raise RequestError("invalid_request", "stop must be a string or a list of at most 8 strings of 1-256 "
+                           "characters", rid)
     adapters = []
-    for a in _typed(data, "adapters", list, rid, []):
+    requested = _typed(data, "adapters", list, rid, [])
+    if len(requested) > 8:
+        raise RequestError("invalid_request", "at most 8 adapters", rid)
+    for a in requested:
         if not isinstance(a, dict) or not isinstance(a.get("name"), str) or \
-                not isinstance(a.get("scale", 1.0), (int, float)) or isinstance(a.get("scale"), bool):
-            raise RequestError("invalid_request", "adapters must be a list of {name, scale}", rid)
+                not isinstance(a.get("scale", 1.0), (int, float)) or isinstance(a.get("scale"), bool) or \
+                not math.isfinite(a.get("scale", 1.0)) or abs(a.get("scale", 1.0)) > 100 or set(a) - {"name", "scale"}:
+            raise RequestError("invalid_request", "adapters must be a list of {name, scale} (scale within "
+                               "[-100, 100])", rid)
         adapters.append((a["name"], float(a.get("scale", 1.0))))
     deadline = _typed(data, "deadline", (int, float), rid, None)
     return Request(rid, prompt, max_tokens, params, stop, tuple(adapters),
@@ -147,6 +172,23 @@ def parse_request(payload: bytes, max_payload: int, max_prompt_chars: int, max_n
 def _sniff_id(payload: bytes) -> str | None:
     m = re.search(rb'"id"\s*:\s*"([A-Za-z0-9_.:\-]{1,128})"', payload[:4096])
     return m.group(1).decode() if m else None
+
+
+def check_response_topic(topic: str, topics: Topics) -> str | None:
+    """Why a request's MQTT 5 Response Topic is refused, or None. A reply must not land on a topic that devices
+    or operators act on: inside nomoat's namespace only the fleet's client inboxes and this device's own reply
+    topics are allowed (the broker's ACL is the second line: tools/mosquitto/nomoat.acl)."""
+    if not topic or len(topic.encode("utf-8", "replace")) > 1024:
+        return "it must be 1-1024 bytes"
+    if any(c in topic for c in "+#\0"):
+        return "it must not contain wildcards or NUL"
+    if topic.startswith("$"):
+        return "it must not be a $ topic"
+    if topic == topics.prefix or topic.startswith(f"{topics.prefix}/"):
+        allowed = (f"{topics.prefix}/{topics.fleet}/clients/", f"{topics.prefix}/{topics.fleet}/{topics.device}/reply/")
+        if not topic.startswith(allowed):
+            return f"inside {topics.prefix}/ only {allowed[0]}… and {allowed[1]}… are allowed"
+    return None
 
 
 def chunk(rid: str, seq: int, delta: str) -> bytes:

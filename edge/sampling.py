@@ -22,8 +22,9 @@ class SamplingParams:
     seed: int | None = None
 
     def validate(self) -> None:
-        if not (0.0 <= self.temperature <= 10.0):
-            raise ValueError("temperature must be within [0, 10]")
+        # a tiny temperature is 0 in float32 (1e-300): logits / 0 would draw garbage
+        if not (self.temperature == 0.0 or 1e-3 <= self.temperature <= 10.0):
+            raise ValueError("temperature must be 0 (greedy) or within [0.001, 10]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
         if not (0.0 < self.top_p <= 1.0):

@@ -1,7 +1,10 @@
 """The device half of fleet adapter push, plugged into the daemon's MQTT client.
 
-Manifest and chunks are retained, so a device that was offline (or restarted mid-push) receives
-them again on subscribe; chunks already verified are kept on disk and not needed twice.
+The device subscribes to its fleet's manifests only. A manifest that verifies (signature, every field,
+freshness: `AdapterStore.check_fresh`) makes it subscribe to that one version's chunks, which are retained:
+the broker sends them then, and again after a restart. So nothing an attacker publishes elsewhere reaches
+the device, and a chunk that does not match its signed hash is dropped while the device waits for the real
+one. Chunks already verified are kept on disk and not needed twice.
 """
 
 from __future__ import annotations
@@ -9,15 +12,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
 from .adapters import AdapterError
 from .daemon import Daemon
-from .fleet import AdapterStore, PushRejected, verify_signature
+from .fleet import AdapterStore, PushRejected, parse_manifest
 
 log = logging.getLogger("nomoat.updater")
-MAX_BUFFERED_CHUNKS = 256
 
 
 class AdapterUpdater:
@@ -29,11 +32,11 @@ class AdapterUpdater:
         self.trusted = p.trusted_keys
         t = daemon.topics
         self.base = f"{t.prefix}/{t.fleet}/adapters"
-        self.pending: dict[tuple[str, int], dict] = {}
-        self.early: dict[tuple[str, int, int], bytes] = {}  # chunks that came before their manifest
+        self.pending: dict[str, dict] = {}  # name -> the verified manifest being downloaded (one per name)
         self.last_push: dict = {}
         self._load_installed()
         daemon.hooks += [(f"{self.base}/+", self.on_manifest), (f"{self.base}/+/+/+", self.on_chunk)]
+        daemon.subscriptions.append(f"{self.base}/+")
         daemon.status_extra = self.status
 
     def _load_installed(self) -> None:
@@ -41,7 +44,7 @@ class AdapterUpdater:
         for name, entry in self.store.state["adapters"].items():
             try:
                 self.gen.load_adapter(self.store.path(name, entry["version"]), name)
-            except AdapterError as e:
+            except (AdapterError, PushRejected) as e:
                 log.error("installed adapter %s v%s no longer loads: %s", name, entry["version"], e)
                 continue
             if entry.get("active"):
@@ -66,101 +69,100 @@ class AdapterUpdater:
             return  # a cleared retained manifest
         name = msg.topic.rsplit("/", 1)[1]
         try:
-            m = json.loads(msg.payload)
-            if not isinstance(m, dict):
-                raise ValueError("not an object")
-        except ValueError:
-            self.event("rejected", name, None, reason="manifest is not JSON")
-            return
-        version = m.get("version")
-        try:
-            verify_signature(m, self.trusted)
-            if m.get("name") != name or not isinstance(version, int):
-                raise PushRejected("manifest name/version do not match its topic")
-            if m.get("expires") and time.time() > m["expires"]:
-                raise PushRejected("manifest expired")
-            kind = m.get("type")
-            if kind == "remove":
-                return self._remove(name, version)
-            if kind == "rollback":
-                return self._rollback(name, version)
-            if kind != "adapter":
-                raise PushRejected(f"unknown manifest type {kind!r}")
-            installed = self.store.installed(name)
-            if installed and installed["version"] == version and installed.get("sha256") == m.get("sha256"):
-                return  # the retained manifest of what we already have
-            if m.get("base_model_hash") != self.gen.manifest.model_hash:
-                raise PushRejected("adapter is for another base model")
-            if installed and version <= installed["version"]:
-                raise PushRejected(f"version {version} is not newer than installed {installed['version']}")
-            if m.get("size", 0) > self.store.cap or len(m.get("chunks", [])) * m.get("chunk_size", 0) < m.get("size", 0):
-                raise PushRejected("adapter size is inconsistent or above the store cap")
+            m = parse_manifest(msg.payload, name, self.trusted)
+            if self.store.check_fresh(m):
+                {"adapter": self._offer, "rollback": self._rollback, "remove": self._remove}[m["type"]](m)
         except PushRejected as e:
-            self.event("rejected", name, version, reason=str(e))
+            self.event("rejected", name[:80], _claimed_version(msg.payload), reason=str(e))
+        except Exception as e:  # a bug here must still answer the operator, and leave the previous adapter
+            log.exception("manifest on %s", msg.topic)
+            self.event("rejected", name[:80], _claimed_version(msg.payload), reason=f"internal error: {e}")
+
+    def _offer(self, m: dict) -> None:
+        name, version = m["name"], m["version"]
+        if m["base_model_hash"] != self.gen.manifest.model_hash:
+            raise PushRejected("adapter is for another base model")
+        if m["size"] > self.store.cap:
+            raise PushRejected(f"adapter is {m['size']} bytes; the store cap is {self.store.cap}")
+        current = self.pending.get(name)
+        if current and current["signature"] == m["signature"]:
+            self._fetch(m)  # seen again after a reconnect: ask for the chunks again
             return
-        self.pending[(name, version)] = m
+        if current and m["created"] <= current["created"]:
+            raise PushRejected(f"version {version} is older than version {current['version']}, being downloaded")
+        self._supersede(name, m["created"])
+        self.pending[name] = m
         self.event("received", name, version, chunks=len(m["chunks"]), size=m["size"])
-        for key in [k for k in self.early if k[:2] == (name, version)]:
-            self._store_chunk(m, key[2], self.early.pop(key))
-        self._try_complete(name, version)
+        self._try_complete(m)  # chunks kept on disk before a restart
+        if name in self.pending:
+            self._fetch(m)
+
+    def _chunk_filter(self, m: dict) -> str:
+        return f"{self.base}/{m['name']}/{m['version']}/+"
+
+    def _fetch(self, m: dict) -> None:
+        self.d.client.subscribe(self._chunk_filter(m), qos=1)  # retained: the broker sends them now
+
+    def _supersede(self, name: str, created: float) -> None:
+        """Drop the download of `name` that a newer order replaces."""
+        old = self.pending.get(name)
+        if old and old["created"] < created:
+            self._abandon(old)
+
+    def _abandon(self, m: dict) -> None:
+        self.pending.pop(m["name"], None)
+        self.d.client.unsubscribe(self._chunk_filter(m))
+        self.store.drop_partial(m["name"], m["version"])
 
     # ---- chunks ---------------------------------------------------------------------------------
     def on_chunk(self, msg) -> None:
+        _, name, version, index = msg.topic.rsplit("/", 3)
         try:
-            _, name, version, index = msg.topic.rsplit("/", 3)
-            version, index = int(version), int(index)
-        except ValueError:
-            return
-        m = self.pending.get((name, version))
-        if m is None:
-            installed = self.store.installed(name)
-            if (not installed or version > installed["version"]) and len(self.early) < MAX_BUFFERED_CHUNKS:
-                self.early[(name, version, index)] = msg.payload
-            return
-        if self._store_chunk(m, index, msg.payload):
-            self._try_complete(name, version)
+            self._take_chunk(name, version, index, msg.payload)
+        except PushRejected as e:
+            self.event("rejected", name, int(version), reason=str(e))
+        except Exception as e:  # as in on_manifest
+            log.exception("chunk on %s", msg.topic)
+            self.event("rejected", name, int(version), reason=f"internal error: {e}")
 
-    def _store_chunk(self, m: dict, index: int, data: bytes) -> bool:
-        name, version = m["name"], m["version"]
-        if not 0 <= index < len(m["chunks"]):
-            return False
-        if hashlib.sha256(data).hexdigest() != m["chunks"][index]:
-            self.pending.pop((name, version), None)
-            self.event("rejected", name, version, reason=f"chunk {index} does not match its hash")
-            return False
-        part = self.store.partial(name, version) / f"{index}.chunk"
+    def _take_chunk(self, name: str, version: str, index: str, payload: bytes) -> None:
+        m = self.pending.get(name)
+        if m is None or version != str(m["version"]) or not index.isdigit() or int(index) >= len(m["chunks"]):
+            return  # nothing a verified manifest asked for: not kept
+        i = int(index)
+        if hashlib.sha256(payload).hexdigest() != m["chunks"][i]:
+            log.warning("adapter %s v%s: dropped a chunk %d that does not match its hash; waiting for the real one",
+                        name, version, i)
+            return
+        part = self.store.partial(name, m["version"]) / f"{i}.chunk"
         if not part.exists():
             tmp = part.with_suffix(".tmp")
-            tmp.write_bytes(data)
+            tmp.write_bytes(payload)
             tmp.replace(part)  # chunks survive a restart: a resumed push needs only the rest
-        return True
+        self._try_complete(m)
 
-    def _try_complete(self, name: str, version: int) -> None:
-        m = self.pending.get((name, version))
-        if m is None:
-            return
+    def _try_complete(self, m: dict) -> None:
+        name, version = m["name"], m["version"]
         folder = self.store.partial(name, version)
         parts = [folder / f"{i}.chunk" for i in range(len(m["chunks"]))]
         if not all(p.exists() for p in parts):
             return
         data = b"".join(p.read_bytes() for p in parts)
-        self.pending.pop((name, version), None)
+        self._abandon(m)
         if len(data) != m["size"] or hashlib.sha256(data).hexdigest() != m["sha256"]:
-            self.event("rejected", name, version, reason="assembled file does not match its sha256")
-            return
+            raise PushRejected("assembled file does not match its sha256")
         self.event("verified", name, version)
         path = self.store.install(name, version, data)
         try:
             self.gen.load_adapter(path, name)  # hot swap: requests in flight keep their bound tensors
         except AdapterError as e:
             path.unlink(missing_ok=True)
-            self.event("rejected", name, version, reason=str(e))
-            return
-        self.store.set_state(name, {"version": version, "sha256": m["sha256"], "active": bool(m.get("activate")),
-                                    "scale": m.get("scale", 1.0)})
+            raise PushRejected(str(e)) from None
+        self.store.commit(m, {"version": version, "sha256": m["sha256"], "active": m["activate"],
+                              "scale": m["scale"]})
         self.event("installed", name, version)
-        if m.get("activate"):
-            self._activate(name, m.get("scale", 1.0))
+        if m["activate"]:
+            self._activate(name, m["scale"])
             self.event("activated", name, version)
         self.store.prune()
         self.d.publish_status()
@@ -169,26 +171,41 @@ class AdapterUpdater:
         others = tuple((n, s) for n, s in self.d.default_adapters if n != name)
         self.d.default_adapters = others + ((name, scale),)
 
-    def _rollback(self, name: str, version: int) -> None:
+    # ---- control orders ---------------------------------------------------------------------------
+    def _rollback(self, m: dict) -> None:
+        name, version = m["name"], m["version"]
         path = self.store.path(name, version)
         if not path.exists():
-            self.event("rejected", name, version, reason=f"version {version} is not in the adapter store")
-            return
-        installed = self.store.installed(name) or {}
-        if installed.get("version") == version:
-            return
-        self.gen.load_adapter(path, name)
-        self.store.set_state(name, {**installed, "version": version,
-                                    "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+            raise PushRejected(f"version {version} is not in the adapter store")
+        self._supersede(name, m["created"])
+        entry = self.store.installed(name) or {"active": False, "scale": 1.0}
+        try:
+            self.gen.load_adapter(path, name)
+        except AdapterError as e:
+            raise PushRejected(str(e)) from None
+        self.store.commit(m, {**entry, "version": version, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+        if entry.get("active"):
+            self._activate(name, entry.get("scale", 1.0))
         self.event("rolled_back", name, version)
         self.d.publish_status()
 
-    def _remove(self, name: str, version: int) -> None:
-        if not self.store.installed(name):
-            return
-        self.gen.adapters.remove(name)
+    def _remove(self, m: dict) -> None:
+        name = m["name"]
+        self._supersede(name, m["created"])
+        if name in self.gen.adapters.adapters:
+            self.gen.adapters.remove(name)
         self.d.default_adapters = tuple((n, s) for n, s in self.d.default_adapters if n != name)
-        self.store.set_state(name, None)
+        self.store.commit(m, None)  # the order stays: a tombstone that older pushes cannot get past
+        shutil.rmtree(self.store.path(name, 0).parent, ignore_errors=True)
         self.store.prune()
-        self.event("removed", name, version)
+        self.event("removed", name, m["version"])
         self.d.publish_status()
+
+
+def _claimed_version(payload: bytes) -> int | None:
+    """The version a rejected manifest says it has, for the operator's `--wait-for` (never trusted)."""
+    try:
+        v = json.loads(payload).get("version")
+    except Exception:  # noqa: BLE001 - any junk: no version
+        return None
+    return v if isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2**53 else None

@@ -154,3 +154,26 @@ def broker(tmp_path):
     b = Broker(tmp_path)
     yield b
     b.stop()
+
+
+@pytest.fixture
+def key(tmp_path):
+    """An operator's signing key: (private key file, public key hex)."""
+    from edge.fleet import generate_key
+
+    path = tmp_path / "fleet.key"
+    return path, generate_key(path)
+
+
+@pytest.fixture
+def slots(exported):
+    return exported("slots", lora_rank=8, precision="fp32")
+
+
+@pytest.fixture
+def adapter_file(slots, adapters, tmp_path):
+    from export.packing import pack_adapter
+
+    out = tmp_path / "a1.onnx_adapter"
+    pack_adapter(adapters[0], slots, out)
+    return out

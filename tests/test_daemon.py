@@ -33,16 +33,16 @@ def free_port() -> int:
 
 
 class Broker:
-    def __init__(self, tmp_path, extra: str = ""):
-        self.port = free_port()
+    def __init__(self, tmp_path, extra: str = "", log=None):
+        self.port, self.log = free_port(), log  # log: a file for mosquitto's stdout (with `log_dest stdout`)
         self.conf = tmp_path / f"mosquitto-{self.port}.conf"
         self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n{extra}")
         self.proc = None
         self.start()
 
     def start(self):
-        self.proc = subprocess.Popen([mosquitto_path(), "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+        out = open(self.log, "a") if self.log else subprocess.DEVNULL  # noqa: SIM115 (the broker's, until it stops)
+        self.proc = subprocess.Popen([mosquitto_path(), "-c", str(self.conf)], stdout=out, stderr=subprocess.STDOUT)
         for _ in range(100):
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.1).close()
@@ -108,7 +108,7 @@ class Client:
 
 
 def profile(broker, device="d1", **kw) -> Profile:
-    p = Profile(queue_size=kw.pop("queue_size", 4), max_payload_bytes=kw.pop("max_payload_bytes", 4096),
+    p = Profile(queue_size=kw.pop("queue_size", 4), max_payload_bytes=kw.pop("max_payload_bytes", 8192),
                 max_prompt_chars=kw.pop("max_prompt_chars", 500), max_new_tokens=64, **kw)
     p.mqtt.broker, p.mqtt.fleet, p.mqtt.device, p.mqtt.session_expiry = broker.url, "f", device, 600
     return p
@@ -190,7 +190,7 @@ def test_fallback_reply_topic_and_no_stream(broker, daemon):
     (json.dumps({"id": "b1", "prompt": 5}), "invalid_request"),
     (json.dumps({"id": "b2", "prompt": "x", "bogus": 1}), "invalid_request"),
     (json.dumps({"id": "b3", "prompt": "x" * 600}), "too_large"),
-    (json.dumps({"id": "b4", "prompt": "x", "pad": "y" * 5000}), "too_large"),
+    (json.dumps({"id": "b4", "prompt": "x", "pad": "y" * 9000}), "too_large"),
     (json.dumps({"id": "b5", "prompt": "x", "adapters": [{"name": "nope"}]}), "unknown_adapter"),
     (json.dumps({"id": "b6", "prompt": "x", "max_tokens": 0}), "invalid_request"),
     (json.dumps({"id": "b7", "prompt": "x", "max_tokens": 10**6}), "invalid_request"),
@@ -329,3 +329,101 @@ def test_broker_restart_mid_stream(broker, daemon):
     else:
         raise AssertionError("daemon did not come back after the broker restart")
     c.close()
+
+
+# ---- hostile input: every message gets one answer (where it names a way to answer), and the daemon stays up --
+@pytest.mark.parametrize("payload,code", [
+    (b'{"id": "p2\\n", "prompt": "x"}', "invalid_request"),  # "$" matched before a final newline
+    (b'{"id": "deep", "prompt": ' + b"[" * 3000 + b"]" * 3000 + b"}", "invalid_json"),  # RecursionError
+    (b'{"id": "bigint", "prompt": "x", "seed": ' + b"9" * 5000 + b"}", "invalid_json"),  # 4300+ digits
+    (b'{"id": "nan", "prompt": "x", "temperature": NaN}', "invalid_json"),
+    (json.dumps({"id": "tiny-t", "prompt": "x", "temperature": 1e-300, "min_p": 0.1}), "invalid_request"),
+    (b'{"id": "inf-t", "prompt": "x", "deadline": 1e999}', "invalid_request"),
+    (b'{"id": "surrogate", "prompt": "a\\ud800b"}', "invalid_request"),
+    (json.dumps({"id": "neg-seed", "prompt": "x", "seed": -1}), "invalid_request"),
+    (json.dumps({"id": "huge-seed", "prompt": "x", "seed": 2**70}), "invalid_request"),
+    (json.dumps({"id": "role", "messages": [{"role": "x", "content": "y", "extra": 1}], "stop": [""]}),
+     "invalid_request"),
+])
+def test_hostile_payloads_answered_with_an_error_code_not_internal(broker, daemon, payload, code):
+    c = Client(broker)
+    c.send("nomoat/f/d1/prompt", payload)
+    err = c.until_done()[-1][1]
+    assert err["error"]["code"] == code, err
+    c.send("nomoat/f/d1/prompt", {"id": "good", "prompt": "hi", "max_tokens": 3})
+    assert c.until_done("good")[-1][1]["finish_reason"] in ("stop", "length")
+    assert daemon.disconnects == 0
+    c.close()
+
+
+class Watch:
+    """Every message published on the broker under some filters (to see what the daemon published where)."""
+
+    def __init__(self, broker, *filters):
+        self.got: list[tuple[str, bytes]] = []
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.c.on_message = lambda c, u, m: self.got.append((m.topic, m.payload))
+        self.c.connect("127.0.0.1", broker.port)
+        for f in filters:
+            self.c.subscribe(f, qos=1)
+        self.c.loop_start()
+        time.sleep(0.3)
+
+    def close(self):
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+@pytest.mark.parametrize("response", [
+    "x/y/#", "+", "nomoat/f/d1/prompt", "nomoat/f/d1/cancel", "nomoat/f/d1/status", "nomoat/f/d2/prompt",
+    "nomoat/f/prompt", "nomoat/f/adapters/a1", "$SYS/x",
+])
+def test_refused_response_topics_answered_on_the_fallback_topic(broker, daemon, response):
+    watch = Watch(broker, "nomoat/#", "x/#", "+")
+    c = Client(broker)
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic = response
+    props.CorrelationData = b"k"
+    c.c.publish("nomoat/f/d1/prompt", json.dumps({"id": "rt", "prompt": "hi", "max_tokens": 3}), qos=1,
+                properties=props).wait_for_publish(5)
+    topic, err, corr = c.until_done("rt")[-1]
+    assert topic == "nomoat/f/d1/reply/rt" and corr == b"k"
+    assert err["error"]["code"] == "invalid_request" and "refused" in err["error"]["message"]
+    # the worker is alive and nothing went to the refused topic
+    c.send("nomoat/f/d1/prompt", {"id": "after", "prompt": "hi", "max_tokens": 3})
+    assert c.until_done("after")[-1][1]["finish_reason"] in ("stop", "length")
+    assert wait_status(broker, "d1", "online")["queue"] == 0
+    published = [t for t, _ in watch.got]
+    assert published.count("nomoat/f/d1/prompt") == 2  # the two prompts sent here, no reply
+    assert published.count(response) == (2 if response == "nomoat/f/d1/prompt" else
+                                         published.count("nomoat/f/d1/status") if response.endswith("status") else 0)
+    assert daemon.disconnects == 0
+    watch.close()
+    c.close()
+
+
+def mosquitto_client(name: str) -> str | None:
+    import shutil
+
+    return shutil.which(name)
+
+
+@pytest.mark.skipif(not mosquitto_client("mosquitto_pub"), reason="mosquitto-clients are not installed")
+@pytest.mark.parametrize("version,qos", [("mqttv5", 0), ("mqttv311", 0), ("mqttv5", 1), ("mqttv311", 2),
+                                         ("mqttv5", 2)])
+def test_mosquitto_pub_at_every_qos_is_answered_without_a_disconnect(broker, daemon, version, qos):
+    """Clients nobody here wrote: QoS 0 is Home Assistant's and Node-RED's default (a PUBACK for it is a
+    protocol error that gets the daemon disconnected)."""
+    rid = f"mp-{version}-{qos}"
+    sub = subprocess.Popen(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-V", "mqttv311", "-q", "1",
+                            "-t", f"nomoat/f/d1/reply/{rid}", "-C", "1", "-W", "30"], stdout=subprocess.PIPE,
+                           text=True)
+    time.sleep(0.3)
+    subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-V", version, "-q", str(qos),
+                    "-t", "nomoat/f/d1/prompt", "-m", json.dumps({"id": rid, "prompt": "Hi", "max_tokens": 4,
+                                                                  "stream": False})], check=True, timeout=10)
+    out, _ = sub.communicate(timeout=40)
+    assert json.loads(out)["finish_reason"] in ("stop", "length")
+    time.sleep(0.5)
+    assert daemon.disconnects == 0
+    assert wait_status(broker, "d1", "online")["state"] == "online"
