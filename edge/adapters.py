@@ -111,16 +111,21 @@ class AdapterSet:
     def inputs(self, selection: tuple[tuple[str, float], ...] = ()) -> dict[str, ort.OrtValue]:
         """OrtValues for every slot input: the selected adapters stacked, zero-rank elsewhere."""
         key = tuple(selection)
-        if key not in self._combined:
+        combined = self._combined.get(key)  # once: an install on another thread may drop the entry meanwhile
+        if combined is None:
             for name, _ in key:
                 if name not in self.adapters:
                     known = ", ".join(sorted(self.adapters)) or "none loaded"
                     raise AdapterError(f"unknown adapter {name!r} ({known})")
-            self._combined[key] = self._stack(key)
+            combined = self._combined[key] = self._stack(key)
             while len(self._combined) > KEEP_SELECTIONS:
                 self._combined.popitem(last=False)
-        self._combined.move_to_end(key)
-        return self._combined[key]
+        else:
+            try:
+                self._combined.move_to_end(key)  # most recently used
+            except KeyError:
+                pass
+        return combined
 
     def _stack(self, selection) -> dict[str, ort.OrtValue]:
         out = {}

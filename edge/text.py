@@ -92,7 +92,9 @@ class TextDecoder:
     def flush(self) -> str:
         if self.stopped:
             return ""
-        self.full += self._tail()  # whatever was held back as incomplete
+        # whatever was held back, less a character that the last token left incomplete (max_tokens or a cancel
+        # can cut one): its bytes are dropped, never sent as U+FFFD
+        self.full += self._tail().rstrip("\ufffd")
         self._start = self._done = len(self.ids)
         return self._release(self.full)
 

@@ -427,3 +427,16 @@ def test_mosquitto_pub_at_every_qos_is_answered_without_a_disconnect(broker, dae
     time.sleep(0.5)
     assert daemon.disconnects == 0
     assert wait_status(broker, "d1", "online")["state"] == "online"
+
+
+def test_an_id_ending_in_a_newline_without_response_topic_does_not_disconnect(broker, daemon):
+    """The fallback reply topic would be malformed; Mosquitto then disconnects the daemon, which republished it
+    on every reconnect. Such a request names no way to answer: it is logged and acknowledged."""
+    c = Client(broker)
+    c.send("nomoat/f/d1/prompt", b'{"id": "p2\\n", "prompt": "x", "max_tokens": 2}', response=False)
+    c.send("nomoat/f/d1/prompt", {"id": "good", "prompt": "hi", "max_tokens": 3})
+    msgs = c.until_done("good")
+    assert [m["id"] for _, m, _ in msgs if m.get("done")] == ["good"]
+    time.sleep(1.0)
+    assert daemon.disconnects == 0
+    c.close()

@@ -308,6 +308,21 @@ def test_streaming_multibyte_characters(int4):
     assert all("\ufffd" not in d for d in deltas)
 
 
+def test_a_character_cut_by_max_tokens_is_left_out_not_replaced(int4):
+    """max_tokens can end generation inside a multi-byte character: the final text ends before it (as llama.cpp's
+    server does), never in U+FFFD."""
+    from edge.text import TextDecoder
+
+    gen = Generator(int4)
+    ids = gen.tokenizer.encode("東京😀")
+    cuts = [n for n in range(1, len(ids)) if gen.tokenizer.decode(ids[:n]).endswith("\ufffd")]
+    assert cuts, "the tiny tokenizer splits these characters over several tokens"
+    for n in cuts:
+        dec = TextDecoder(gen.tokenizer)
+        text = "".join([dec.add(t) for t in ids[:n]] + [dec.flush()])
+        assert "\ufffd" not in text and "東京😀".startswith(text), (n, text)
+
+
 def test_incremental_decoding_equals_one_decode_of_a_long_text(int4):
     """Deltas come from decoding a few tokens back, not the whole text each time: over a long mixed text they
     still join to exactly one decode of all the ids, and a stop string far in is cut exactly."""
