@@ -315,7 +315,10 @@ def serve(model, broker, fleet, device, profile, adapter_file, adapter_store, tr
     except (*_errors(), ValueError) as e:
         _fail(e)
     click.echo(f"serving {gen.manifest.name} as {prof.mqtt.fleet}/{prof.mqtt.device} on {prof.mqtt.broker}", err=True)
-    daemon.serve_forever()
+    try:
+        daemon.serve_forever()
+    except RuntimeError as e:
+        _fail(e)
 
 
 @main.command()

@@ -20,6 +20,7 @@ import signal
 import ssl
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -94,6 +95,8 @@ class Daemon:
         self.done: OrderedDict[str, bytes] = OrderedDict()  # recent final messages, by id
         self.lock = threading.Lock()
         self.started = time.time()
+        self.instance = uuid.uuid4().hex[:12]  # tells this process's status from another's with the same name
+        self.last_disconnect = 0.0
         self.last_tok_s = 0.0
         self.default_adapters: tuple[tuple[str, float], ...] = ()
         self.stopping = threading.Event()
@@ -105,6 +108,8 @@ class Daemon:
         self.hooks: list = []  # extra (topic filter, handler) pairs, e.g. the fleet adapter updater
         self.subscriptions: list[str] = []  # extra topic filters to subscribe to on every connect
         self.disconnects = 0
+        self.fatal = ""  # why the daemon must stop on its own (another process took its session over)
+        self.halted = threading.Event()
         # the broker drops larger messages instead of sending them: a prompt, a manifest or a chunk fits
         self.max_packet = max(profile.max_payload_bytes, MAX_CHUNK, MAX_MANIFEST) + 64 * 1024
 
@@ -116,12 +121,17 @@ class Daemon:
         log.info("connected to %s (session present: %s)", self.profile.mqtt.broker, flags.session_present)
         opts = SubscribeOptions(qos=1)
         subs = [(self.topics.prompt, opts), (self.topics.pool_shared, opts), (self.topics.cancel, opts)]
+        subs.append((self.topics.status, SubscribeOptions(qos=1, noLocal=True)))  # another process as this device?
         subs += [(topic, opts) for topic in self.subscriptions]
         client.subscribe(subs)
         self.publish_status()
 
     def _on_disconnect(self, client, userdata, flags, reason, properties):
         self.disconnects += 1
+        self.last_disconnect = time.time()
+        if getattr(reason, "value", None) == 0x8E:  # Session taken over (EMQX, HiveMQ say so; Mosquitto just closes)
+            self._taken_over("the broker says another client connected with this client id")
+            return
         if not self.stopping.is_set():
             log.warning("disconnected from broker (%s); reconnecting", reason)
 
@@ -129,6 +139,8 @@ class Daemon:
         try:
             if msg.topic == self.topics.cancel:
                 self._cancel(msg.payload)
+            elif msg.topic == self.topics.status:
+                self._on_status(msg.payload)
             elif msg.topic in (self.topics.prompt, self.topics.pool):
                 self._submit(msg)
                 return  # acknowledged when answered
@@ -143,6 +155,31 @@ class Daemon:
                              getattr(getattr(msg, "properties", None), "CorrelationData", None), msg.mid, msg.qos)
                 return
         self._ack(msg.mid, msg.qos)
+
+    def _taken_over(self, evidence: str) -> None:
+        s = self.profile.mqtt
+        self.fatal = (f"another process serves as fleet {s.fleet!r}, device {s.device!r} ({evidence}): this one "
+                      f"stops, since both would take the broker session from each other for ever; give each its own "
+                      f"--device")
+        log.error(self.fatal)
+        self.client.disconnect()  # no reconnect
+        self.halted.set()
+
+    def _on_status(self, payload: bytes) -> None:
+        """A status on our own topic from another instance. The newer process keeps the name: an older one that
+        lost its connection since the newer one started stops (the broker closed it for the newer one's session);
+        otherwise the status is a stale one (a crashed run's, its Last Will), and ours is published again."""
+        try:
+            other = json.loads(payload)
+            instance, started, state = other["instance"], float(other["started"]), other["state"]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            return
+        if instance == self.instance or self.fatal:
+            return
+        if state in ("online", "busy") and started > self.started and self.last_disconnect >= started - 5:
+            self._taken_over(f"its status says instance {instance} started at {started:.0f}")
+        else:
+            self.publish_status()
 
     def _ack(self, mid: int | None, qos: int) -> None:
         if mid is not None and qos > 0:  # QoS 0 has nothing to acknowledge (a PUBACK for it is a protocol error)
@@ -222,7 +259,8 @@ class Daemon:
             "protocol": proto.PROTOCOL_VERSION, "adapters": sorted(self.gen.adapters.adapters),
             "default_adapters": [{"name": n, "scale": s} for n, s in self.default_adapters],
             "queue": self.queue.qsize(), "uptime_s": round(time.time() - self.started, 1),
-            "last_tok_s": self.last_tok_s, "ts": round(time.time(), 3), **self.status_extra(),
+            "last_tok_s": self.last_tok_s, "ts": round(time.time(), 3), "instance": self.instance,
+            "started": round(self.started, 3), **self.status_extra(),
         }).encode()
 
     def status_extra(self) -> dict:
@@ -313,19 +351,22 @@ class Daemon:
             self.current.cancelled = True
         if hasattr(self, "worker"):
             self.worker.join(timeout=30)
-        info = self.client.publish(self.topics.status, self._status("offline"), qos=1, retain=True)
-        try:
-            info.wait_for_publish(timeout=5)
-        except (RuntimeError, ValueError):
-            pass
+        if not self.fatal:  # taken over: the status is the other process's now
+            info = self.client.publish(self.topics.status, self._status("offline"), qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=5)
+            except (RuntimeError, ValueError):
+                pass
         self.client.disconnect()
         self.client.loop_stop()
 
     def serve_forever(self) -> None:
-        done = threading.Event()
+        """Serve until SIGTERM/SIGINT; RuntimeError when the daemon had to stop on its own (`fatal`)."""
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: done.set())
+            signal.signal(sig, lambda *_: self.halted.set())
         self.start()
-        done.wait()
+        self.halted.wait()
         log.info("shutting down")
         self.stop()
+        if self.fatal:
+            raise RuntimeError(self.fatal)

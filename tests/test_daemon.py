@@ -440,3 +440,38 @@ def test_an_id_ending_in_a_newline_without_response_topic_does_not_disconnect(br
     time.sleep(1.0)
     assert daemon.disconnects == 0
     c.close()
+
+
+def test_a_second_daemon_with_the_same_device_name_stops_the_first_with_a_clear_error(broker, model):
+    """Both would use the client id nomoat-f-d7 and take the session from each other every second, for ever."""
+    first = serve_process(broker, model, device="d7")
+    second = None
+    try:
+        wait_status(broker, "d7", "online", timeout=60)
+        second = serve_process(broker, model, device="d7")
+        out, _ = first.communicate(timeout=60)
+        assert first.returncode == 1 and "another process serves as fleet" in out, out
+        time.sleep(2.0)
+        assert wait_status(broker, "d7", "online")["state"] == "online"  # the second one serves
+        c = Client(broker)
+        c.send("nomoat/f/d7/prompt", {"id": "to-second", "prompt": "hi", "max_tokens": 2})
+        assert c.until_done("to-second", timeout=30)[-1][1]["finish_reason"] in ("stop", "length")
+        c.close()
+        assert second.poll() is None
+    finally:
+        for p in (first, second):
+            if p:
+                p.kill()
+                p.wait()
+
+
+def test_a_spoofed_or_stale_status_does_not_stop_the_daemon_and_its_own_status_comes_back(broker, daemon):
+    from edge.client import publish_all
+
+    for started in (time.time() + 100, 1.0):  # a newer instance that never took the session; a crashed old run
+        fake = {"state": "online", "device": "d1", "instance": "someoneelse", "started": started}
+        publish_all(daemon.profile.mqtt, [("nomoat/f/d1/status", json.dumps(fake).encode())])
+        time.sleep(1.0)
+        assert not daemon.fatal and daemon.disconnects == 0
+        status = wait_status(broker, "d1", "online")
+        assert status["instance"] == daemon.instance  # the retained status is the live process's again
