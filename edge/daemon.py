@@ -97,6 +97,10 @@ class Daemon:
         self.started = time.time()
         self.instance = uuid.uuid4().hex[:12]  # tells this process's status from another's with the same name
         self.last_disconnect = 0.0
+        p = profile  # what a client may ask (docs/protocol.md has the value ranges)
+        self.limits = {"max_new_tokens": p.max_new_tokens, "max_prompt_chars": p.max_prompt_chars,
+                       "max_payload_bytes": p.max_payload_bytes, "queue_size": p.queue_size,
+                       "max_packet_bytes": max(p.max_payload_bytes, MAX_CHUNK, MAX_MANIFEST) + 64 * 1024}
         self.last_tok_s = 0.0
         self.default_adapters: tuple[tuple[str, float], ...] = ()
         self.stopping = threading.Event()
@@ -110,8 +114,6 @@ class Daemon:
         self.disconnects = 0
         self.fatal = ""  # why the daemon must stop on its own (another process took its session over)
         self.halted = threading.Event()
-        # the broker drops larger messages instead of sending them: a prompt, a manifest or a chunk fits
-        self.max_packet = max(profile.max_payload_bytes, MAX_CHUNK, MAX_MANIFEST) + 64 * 1024
 
     # ---- MQTT callbacks (paho's network thread) -----------------------------------------------
     def _on_connect(self, client, userdata, flags, reason, properties):
@@ -260,7 +262,7 @@ class Daemon:
             "default_adapters": [{"name": n, "scale": s} for n, s in self.default_adapters],
             "queue": self.queue.qsize(), "uptime_s": round(time.time() - self.started, 1),
             "last_tok_s": self.last_tok_s, "ts": round(time.time(), 3), "instance": self.instance,
-            "started": round(self.started, 3), **self.status_extra(),
+            "started": round(self.started, 3), "limits": self.limits, **self.status_extra(),
         }).encode()
 
     def status_extra(self) -> dict:
@@ -339,7 +341,7 @@ class Daemon:
 
     # ---- life cycle ----------------------------------------------------------------------------
     def start(self) -> None:
-        connect(self.client, self.profile.mqtt, self.max_packet)
+        connect(self.client, self.profile.mqtt, self.limits["max_packet_bytes"])
         self.client.loop_start()
         self.worker = threading.Thread(target=self._work, name="nomoat-worker", daemon=True)
         self.worker.start()

@@ -132,6 +132,8 @@ def test_status_describes_the_model(broker, daemon):
     status = wait_status(broker, "d1", "online")
     assert status["model_hash"] == daemon.gen.manifest.model_hash
     assert status["context_length"] == daemon.gen.model.max_length and status["kv_cache"] == "float32"
+    assert status["limits"] == {"max_new_tokens": 64, "max_prompt_chars": 500, "max_payload_bytes": 8192,
+                                "queue_size": 4, "max_packet_bytes": 1024 * 1024 + 64 * 1024}
 
 
 def wait_status(broker, device, state, timeout=15.0) -> dict:
