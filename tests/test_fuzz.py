@@ -167,6 +167,10 @@ def test_fuzz_the_daemon(tmp_path, slots, key):
         assert c.until_done("after")[-1][1]["text"] == before_text
         grown = rss_mib(proc.pid) - rss_before
         assert grown < 48, f"RSS grew {grown:.1f} MiB"
+        from collections import Counter
+
+        print(f"\nfuzz: {n} messages, {len(sent)} prompts, {len(must)} answerable, {len(finals)} answered once, "
+              f"error codes {dict(Counter(codes))}, RSS {rss_before:.0f} -> {rss_before + grown:.0f} MiB")
     finally:
         c.close()
         proc.terminate()
