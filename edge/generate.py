@@ -99,8 +99,7 @@ class Generator:
         """Bind the stacked slot tensors of these adapters (a pointer swap once cached)."""
         if not self.manifest.lora["rank"]:
             if selection:
-                raise GenerationError(f"{self.manifest.name} has no LoRA slots; it cannot apply adapters",
-                                      "unknown_adapter")
+                raise GenerationError(f"{self.manifest.name} has no LoRA slots; it cannot apply adapters")
             return
         # read before binding: an adapter installed meanwhile then costs a re-prefill, never a stale cache
         bound = (tuple(selection), self.adapters.changes)

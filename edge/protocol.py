@@ -17,6 +17,9 @@ _FIELDS = {"id", "prompt", "messages", "max_tokens", "temperature", "top_p", "to
            "repetition_penalty", "seed", "stop", "adapters", "stream", "deadline"}
 
 
+ROLES = ("system", "user", "assistant", "tool")  # what chat templates know
+
+
 class RequestError(Exception):
     def __init__(self, code: str, message: str, request_id: str | None = None):
         super().__init__(message)
@@ -124,9 +127,10 @@ def parse_request(payload: bytes, max_payload: int, max_prompt_chars: int, max_n
         size = len(prompt)
     else:
         if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                and _text(m["role"]) and _text(m["content"]) for m in messages):
-            raise RequestError("invalid_request", "messages must be a list of {role, content} strings", rid)
+                isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
+                and _text(m["content"]) and not set(m) - {"role", "content"} for m in messages):
+            raise RequestError("invalid_request", "messages must be a list of {role, content} with role one of "
+                               f"{', '.join(ROLES)} and content a string", rid)
         prompt = [{"role": m["role"], "content": m["content"]} for m in messages]
         size = sum(len(m["content"]) for m in prompt)
     if size > max_prompt_chars:

@@ -346,6 +346,7 @@ def test_broker_restart_mid_stream(broker, daemon):
     (json.dumps({"id": "huge-seed", "prompt": "x", "seed": 2**70}), "invalid_request"),
     (json.dumps({"id": "role", "messages": [{"role": "x", "content": "y", "extra": 1}], "stop": [""]}),
      "invalid_request"),
+    (json.dumps({"id": "robot", "messages": [{"role": "robot", "content": "y"}]}), "invalid_request"),
 ])
 def test_hostile_payloads_answered_with_an_error_code_not_internal(broker, daemon, payload, code):
     c = Client(broker)
@@ -477,3 +478,18 @@ def test_a_spoofed_or_stale_status_does_not_stop_the_daemon_and_its_own_status_c
         assert not daemon.fatal and daemon.disconnects == 0
         status = wait_status(broker, "d1", "online")
         assert status["instance"] == daemon.instance  # the retained status is the live process's again
+
+
+def test_error_codes_come_from_the_error_not_its_wording(broker, exported):
+    """'has no LoRA slots' names an adapter but is no unknown adapter: the request asks what this model cannot do."""
+    d = Daemon(Generator(exported("fp32-base", precision="fp32")), profile(broker, device="d6"))
+    d.start()
+    wait_status(broker, "d6", "online")
+    c = Client(broker)
+    try:
+        c.send("nomoat/f/d6/prompt", {"id": "noslots", "prompt": "x", "adapters": [{"name": "a1"}]})
+        err = c.until_done("noslots")[-1][1]["error"]
+        assert err["code"] == "invalid_request" and "no LoRA slots" in err["message"]
+    finally:
+        c.close()
+        d.stop()
