@@ -212,6 +212,9 @@ class Daemon:
                 self._ack(msg.mid, msg.qos)
                 return
             job = Job(req, reply, correlation, msg.mid, msg.qos)
+            if self.stopping.is_set():  # arrived while shutting down: handed back like the queued ones
+                self._hand_back(job, started=False)
+                return
             try:
                 self.queue.put_nowait(job)
             except queue.Full:
@@ -298,6 +301,12 @@ class Daemon:
         except Exception as e:  # never leave a request hanging
             log.exception("request %s failed", job.request.id)
             payload = proto.error(job.request.id, "internal", str(e))
+        if payload is None:  # interrupted by a shutdown: handed back, not answered
+            with self.lock:
+                self.jobs.pop(job.request.id, None)
+                self.current = None
+            self._hand_back(job, started=True)
+            return
         with self.lock:
             self.done[job.request.id] = payload
             while len(self.done) > 256:
@@ -308,7 +317,21 @@ class Daemon:
         self._ack(job.mid, job.qos)
         self.publish_status()
 
-    def _answer(self, job: Job) -> bytes:
+    def _hand_back(self, job: Job, started: bool) -> None:
+        """A request the daemon stops without answering. QoS 1/2: not acknowledged, so the broker delivers it
+        again when the device is back (a stream then starts again at seq 0; the notice says so). QoS 0 cannot
+        come back: it gets the final error `unavailable`."""
+        rid = job.request.id
+        if job.qos == 0:
+            self._publish(job.reply_topic, proto.error(rid, "unavailable", "the device shut down before it "
+                                                       "answered; send the request again"), job.correlation)
+        elif started:
+            self._publish(job.reply_topic, json.dumps({"id": rid, "interrupted": "shutdown"}).encode(),
+                          job.correlation)
+        self._log(rid, event="handed_back", qos=job.qos)
+
+    def _answer(self, job: Job) -> bytes | None:
+        """The final message, or None when a shutdown interrupted the request."""
         req = job.request
         if req.deadline is not None and time.time() > req.deadline:
             self._log(req.id, event="expired")
@@ -317,9 +340,13 @@ class Daemon:
             return proto.final(req.id, "", "cancelled", {"prompt_tokens": 0, "completion_tokens": 0,
                                                           "total_tokens": 0}, {})
         adapters = req.adapters or self.default_adapters
+        why = ""  # what stopped the generation early: cancelled, shutdown, deadline
 
         def stop_now() -> bool:
-            return job.cancelled or self.stopping.is_set() or (req.deadline is not None and time.time() > req.deadline)
+            nonlocal why
+            why = "cancelled" if job.cancelled else "shutdown" if self.stopping.is_set() else \
+                "deadline" if req.deadline is not None and time.time() > req.deadline else ""
+            return bool(why)
 
         seq = 0
         try:
@@ -334,10 +361,13 @@ class Daemon:
         except GenerationError as e:
             self._log(req.id, event="error", code=e.code, message=str(e))
             return proto.error(req.id, e.code, str(e))
+        if why == "shutdown" and result.finish_reason == "cancelled":
+            return None
+        finish = "deadline" if why == "deadline" and result.finish_reason == "cancelled" else result.finish_reason
         self.last_tok_s = result.timings.get("decode_tok_s", 0.0)
         self._log(req.id, prompt_tokens=result.prompt_tokens, tokens=len(result.tokens),
-                  tok_s=self.last_tok_s, finish=result.finish_reason)
-        return proto.final(req.id, result.text, result.finish_reason, result.usage, result.timings)
+                  tok_s=self.last_tok_s, finish=finish)
+        return proto.final(req.id, result.text, finish, result.usage, result.timings)
 
     # ---- life cycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -347,12 +377,15 @@ class Daemon:
         self.worker.start()
 
     def stop(self) -> None:
-        """Cancel the current request (it gets its final message), publish offline, disconnect."""
+        """Hand the current and queued requests back (`_hand_back`), publish offline, disconnect."""
         self.stopping.set()
-        if self.current:
-            self.current.cancelled = True
         if hasattr(self, "worker"):
             self.worker.join(timeout=30)
+        while True:
+            try:
+                self._hand_back(self.queue.get_nowait(), started=False)
+            except queue.Empty:
+                break
         if not self.fatal:  # taken over: the status is the other process's now
             info = self.client.publish(self.topics.status, self._status("offline"), qos=1, retain=True)
             try:

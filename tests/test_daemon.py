@@ -493,3 +493,77 @@ def test_error_codes_come_from_the_error_not_its_wording(broker, exported):
     finally:
         c.close()
         d.stop()
+
+
+def gated(d: Daemon, seconds_per_token: float = 0.0) -> threading.Event:
+    """Hold the daemon's generation before each token until the returned event is set (or slow it down)."""
+    gate, real_step = threading.Event(), d.gen.decode_one_token
+
+    def step(*a):
+        gate.wait(20)
+        time.sleep(seconds_per_token)
+        return real_step(*a)
+
+    d.gen.decode_one_token = step
+    return gate
+
+
+def test_a_graceful_stop_hands_requests_back_and_a_restart_answers_them(broker, model):
+    """SIGTERM (`systemctl restart`) must not lose the request it interrupts: QoS 1 comes back from the broker
+    after the restart (the client is told the stream was interrupted), QoS 0 gets `unavailable`."""
+    want = Generator(model).generate("The capital", max_tokens=8).text
+    d = Daemon(Generator(model), profile(broker))
+    gate = gated(d)
+    d.start()
+    wait_status(broker, "d1", "online")
+    c = Client(broker)
+    try:
+        c.send("nomoat/f/d1/prompt", {"id": "long", "prompt": "The capital", "max_tokens": 8})
+        end = time.time() + 10
+        while d.current is None and time.time() < end:
+            time.sleep(0.01)
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic, props.CorrelationData = c.reply_topic, b"q0"
+        c.c.publish("nomoat/f/d1/prompt", json.dumps({"id": "queued-q0", "prompt": "x", "max_tokens": 2}), qos=0,
+                    properties=props)
+        c.send("nomoat/f/d1/prompt", {"id": "queued-q1", "prompt": "x", "max_tokens": 2})
+        time.sleep(0.3)
+        stopper = threading.Thread(target=d.stop)
+        stopper.start()
+        time.sleep(0.2)
+        gate.set()
+        stopper.join(30)
+        got = c.until_done("queued-q0")
+        assert got[-1][1]["error"]["code"] == "unavailable"
+        assert {"id": "long", "interrupted": "shutdown"} in [m for _, m, _ in got]
+        assert not [m for _, m, _ in got if m.get("done") and m["id"] != "queued-q0"]
+        d = Daemon(Generator(model), profile(broker))  # the restart: the broker delivers both QoS 1 prompts again
+        d.start()
+        finals = {}
+        end = time.time() + 30
+        while len(finals) < 2 and time.time() < end:
+            for _, m, _ in c.until_done(timeout=end - time.time()):
+                if m.get("done"):
+                    finals[m["id"]] = m
+        assert finals["long"]["text"] == want and finals["queued-q1"]["finish_reason"] in ("stop", "length")
+    finally:
+        gate.set()
+        c.close()
+        d.stop()
+
+
+def test_a_deadline_reached_while_generating_is_not_a_cancel(broker, model):
+    d = Daemon(Generator(model), profile(broker))
+    gate = gated(d, seconds_per_token=0.05)
+    gate.set()
+    d.start()
+    wait_status(broker, "d1", "online")
+    c = Client(broker)
+    try:
+        c.send("nomoat/f/d1/prompt", {"id": "dl", "prompt": "a", "max_tokens": 60, "stop": ["<never>"],
+                                      "deadline": time.time() + 0.5})
+        final = c.until_done("dl")[-1][1]
+        assert final["finish_reason"] == "deadline" and 0 < final["usage"]["completion_tokens"] < 60
+    finally:
+        c.close()
+        d.stop()
