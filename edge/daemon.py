@@ -4,7 +4,8 @@ Threads: paho's network loop (callbacks: parse, validate, enqueue, cancel) and o
 that generates (the CPU is the bottleneck, so one request at a time). Requests are QoS 1 and
 acknowledged only when answered (manual ack), with a persistent session: a daemon that dies
 mid-request gets the prompt again from the broker, and prompts sent while it was offline are
-delivered when it comes back. Repeated ids are answered once (finished answers are replayed).
+delivered when it comes back. A repeat of a request (same id, same content) gets its final message, marked
+`repeat`; another request under a used id gets `duplicate_id`.
 
 No message may kill a thread or go unanswered: every callback and the worker catch per message, answer
 with an error code where the message named a way to answer, log once and move on, and acknowledge it (a
@@ -22,7 +23,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -80,6 +81,7 @@ class Job:
     mid: int | None  # broker message id to acknowledge once answered
     qos: int
     cancelled: bool = False
+    repeats: list[tuple[str, bytes | None]] = field(default_factory=list)  # (reply topic, correlation) of repeats
 
 
 class Daemon:
@@ -92,7 +94,7 @@ class Daemon:
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=profile.queue_size)
         self.current: Job | None = None
         self.jobs: dict[str, Job] = {}  # queued or running, by id
-        self.done: OrderedDict[str, bytes] = OrderedDict()  # recent final messages, by id
+        self.done: OrderedDict[str, tuple[str, bytes]] = OrderedDict()  # id -> (content, final message), recent
         self.lock = threading.Lock()
         self.started = time.time()
         self.instance = uuid.uuid4().hex[:12]  # tells this process's status from another's with the same name
@@ -204,11 +206,20 @@ class Daemon:
             return
         reply = response or self.topics.reply(req.id)
         with self.lock:
-            if req.id in self.jobs:  # a redelivery of what we are working on: answered once
+            running, done = self.jobs.get(req.id), self.done.get(req.id)
+            known = running.request.content if running else done[0] if done else None
+            if known is not None and known != req.content:
+                self._reject(req.id, "duplicate_id", f"id {req.id!r} is in use by another request on this device",
+                             response, correlation, msg.mid, msg.qos)
+                return
+            if running:  # a repeat (a client's retry, or the broker's redelivery): one more place for the final
+                if (reply, correlation) != (running.reply_topic, running.correlation) and \
+                        (reply, correlation) not in running.repeats:
+                    running.repeats.append((reply, correlation))
                 self._ack(msg.mid, msg.qos)
                 return
-            if req.id in self.done:  # already answered: replay the answer
-                self._publish(reply, self.done[req.id], correlation)
+            if done:  # already answered: the answer again
+                self._publish(reply, proto.repeated(done[1]), correlation)
                 self._ack(msg.mid, msg.qos)
                 return
             job = Job(req, reply, correlation, msg.mid, msg.qos)
@@ -308,12 +319,14 @@ class Daemon:
             self._hand_back(job, started=True)
             return
         with self.lock:
-            self.done[job.request.id] = payload
+            self.done[job.request.id] = (job.request.content, payload)
             while len(self.done) > 256:
                 self.done.popitem(last=False)
             self.jobs.pop(job.request.id, None)
             self.current = None
         self._publish(job.reply_topic, payload, job.correlation)
+        for topic, correlation in job.repeats:
+            self._publish(topic, proto.repeated(payload), correlation)
         self._ack(job.mid, job.qos)
         self.publish_status()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -71,6 +72,7 @@ class Request:
     stream: bool = True
     deadline: float | None = None
     received: float = field(default_factory=time.time)
+    content: str = ""  # what the request asks, for telling a repeat of this id from another request under it
 
 
 def _typed(data: dict, key: str, kinds, rid, default=None):
@@ -169,8 +171,9 @@ def parse_request(payload: bytes, max_payload: int, max_prompt_chars: int, max_n
                                "[-100, 100])", rid)
         adapters.append((a["name"], float(a.get("scale", 1.0))))
     deadline = _typed(data, "deadline", (int, float), rid, None)
+    content = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
     return Request(rid, prompt, max_tokens, params, stop, tuple(adapters),
-                   bool(_typed(data, "stream", bool, rid, True)), deadline)
+                   bool(_typed(data, "stream", bool, rid, True)), deadline, content=content)
 
 
 def _sniff_id(payload: bytes) -> str | None:
@@ -202,6 +205,11 @@ def chunk(rid: str, seq: int, delta: str) -> bytes:
 def final(rid: str, text: str, finish_reason: str, usage: dict, timings: dict) -> bytes:
     return json.dumps({"id": rid, "done": True, "text": text, "finish_reason": finish_reason,
                        "usage": usage, "timings": timings}).encode()
+
+
+def repeated(final_message: bytes) -> bytes:
+    """A final message sent again for a repeat of its request, marked so."""
+    return json.dumps({**json.loads(final_message), "repeat": True}).encode()
 
 
 def error(rid: str | None, code: str, message: str) -> bytes:

@@ -567,3 +567,36 @@ def test_a_deadline_reached_while_generating_is_not_a_cancel(broker, model):
     finally:
         c.close()
         d.stop()
+
+
+def test_repeated_ids_a_retry_gets_the_answer_marked_another_request_gets_duplicate_id(broker, model):
+    d = Daemon(Generator(model), profile(broker))
+    gate = gated(d)
+    d.start()
+    wait_status(broker, "d1", "online")
+    first, retry = Client(broker), Client(broker)  # the retry comes with a fresh reply topic, as after a timeout
+    req = {"id": "same", "prompt": "The capital", "max_tokens": 6}
+    try:
+        first.send("nomoat/f/d1/prompt", req)
+        end = time.time() + 10
+        while d.current is None and time.time() < end:
+            time.sleep(0.01)
+        retry.send("nomoat/f/d1/prompt", req, correlation=b"retry")  # while it runs
+        retry.send("nomoat/f/d1/prompt", {**req, "prompt": "other"}, correlation=b"other")  # another request
+        time.sleep(0.3)
+        gate.set()
+        original = first.until_done("same")[-1][1]
+        got = {corr: m for _, m, corr in retry.until_done("same") + retry.until_done("same") if m.get("done")}
+        assert got[b"other"]["error"]["code"] == "duplicate_id"
+        assert got[b"retry"]["repeat"] is True and got[b"retry"]["text"] == original["text"]
+        assert "repeat" not in original
+        retry.send("nomoat/f/d1/prompt", req, correlation=b"later")  # after it finished
+        later = retry.until_done("same")[-1]
+        assert later[2] == b"later" and later[1]["repeat"] is True and later[1]["text"] == original["text"]
+        retry.send("nomoat/f/d1/prompt", {**req, "max_tokens": 5}, correlation=b"changed")
+        assert retry.until_done("same")[-1][1]["error"]["code"] == "duplicate_id"
+    finally:
+        gate.set()
+        first.close()
+        retry.close()
+        d.stop()
