@@ -73,15 +73,21 @@ def _response_topic(msg: mqtt.MQTTMessage, topics: proto.Topics) -> str | None:
     return topic if topic is not None and proto.check_response_topic(topic, topics) is None else None
 
 
+Receipt = tuple[mqtt.Client, int | None, int]  # (the connection a message came in on, its id, its QoS)
+
+
 @dataclass
 class Job:
     request: proto.Request
     reply_topic: str
     correlation: bytes | None
-    mid: int | None  # broker message id to acknowledge once answered
-    qos: int
+    receipt: Receipt  # what to acknowledge once answered
     cancelled: bool = False
     repeats: list[tuple[str, bytes | None]] = field(default_factory=list)  # (reply topic, correlation) of repeats
+
+    @property
+    def qos(self) -> int:
+        return self.receipt[2]
 
 
 class Daemon:
@@ -140,13 +146,14 @@ class Daemon:
             log.warning("disconnected from broker (%s); reconnecting", reason)
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage):
+        receipt = (client, msg.mid, msg.qos)  # acknowledged on the connection it came in on
         try:
             if msg.topic == self.topics.cancel:
                 self._cancel(msg.payload)
             elif msg.topic == self.topics.status:
                 self._on_status(msg.payload)
             elif msg.topic in (self.topics.prompt, self.topics.pool):
-                self._submit(msg)
+                self._submit(msg, receipt)
                 return  # acknowledged when answered
             else:
                 for topic, handler in self.hooks:
@@ -156,9 +163,9 @@ class Daemon:
             log.exception("error handling a message on %s", msg.topic)
             if msg.topic in (self.topics.prompt, self.topics.pool):
                 self._reject(proto._sniff_id(msg.payload), "internal", str(e), _response_topic(msg, self.topics),
-                             getattr(getattr(msg, "properties", None), "CorrelationData", None), msg.mid, msg.qos)
+                             getattr(getattr(msg, "properties", None), "CorrelationData", None), receipt)
                 return
-        self._ack(msg.mid, msg.qos)
+        self._ack(receipt)
 
     def _taken_over(self, evidence: str) -> None:
         s = self.profile.mqtt
@@ -185,24 +192,26 @@ class Daemon:
         else:
             self.publish_status()
 
-    def _ack(self, mid: int | None, qos: int) -> None:
+    @staticmethod
+    def _ack(receipt: Receipt) -> None:
+        client, mid, qos = receipt
         if mid is not None and qos > 0:  # QoS 0 has nothing to acknowledge (a PUBACK for it is a protocol error)
-            self.client.ack(mid, qos)
+            client.ack(mid, qos)
 
-    def _submit(self, msg: mqtt.MQTTMessage) -> None:
+    def _submit(self, msg: mqtt.MQTTMessage, receipt: Receipt) -> None:
         p = self.profile
         response = _response_topic(msg, self.topics)
         correlation = getattr(getattr(msg, "properties", None), "CorrelationData", None)
         try:
             req = proto.parse_request(msg.payload, p.max_payload_bytes, p.max_prompt_chars, p.max_new_tokens)
         except proto.RequestError as e:
-            self._reject(e.request_id, e.code, e.message, response, correlation, msg.mid, msg.qos)
+            self._reject(e.request_id, e.code, e.message, response, correlation, receipt)
             return
         asked = getattr(getattr(msg, "properties", None), "ResponseTopic", None)
         if asked is not None and response is None:  # refused: answered on the fallback topic, saying why
             why = proto.check_response_topic(asked, self.topics)
             self._reject(req.id, "invalid_request", f"Response Topic {asked[:200]!r} refused: {why}", None,
-                         correlation, msg.mid, msg.qos)
+                         correlation, receipt)
             return
         reply = response or self.topics.reply(req.id)
         with self.lock:
@@ -210,19 +219,19 @@ class Daemon:
             known = running.request.content if running else done[0] if done else None
             if known is not None and known != req.content:
                 self._reject(req.id, "duplicate_id", f"id {req.id!r} is in use by another request on this device",
-                             response, correlation, msg.mid, msg.qos)
+                             response, correlation, receipt)
                 return
             if running:  # a repeat (a client's retry, or the broker's redelivery): one more place for the final
                 if (reply, correlation) != (running.reply_topic, running.correlation) and \
                         (reply, correlation) not in running.repeats:
                     running.repeats.append((reply, correlation))
-                self._ack(msg.mid, msg.qos)
+                self._ack(receipt)
                 return
             if done:  # already answered: the answer again
                 self._publish(reply, proto.repeated(done[1]), correlation)
-                self._ack(msg.mid, msg.qos)
+                self._ack(receipt)
                 return
-            job = Job(req, reply, correlation, msg.mid, msg.qos)
+            job = Job(req, reply, correlation, receipt)
             if self.stopping.is_set():  # arrived while shutting down: handed back like the queued ones
                 self._hand_back(job, started=False)
                 return
@@ -230,16 +239,16 @@ class Daemon:
                 self.queue.put_nowait(job)
             except queue.Full:
                 self._reject(req.id, "busy", f"queue full ({p.queue_size} waiting); retry later", response,
-                             correlation, msg.mid, msg.qos)
+                             correlation, receipt)
                 return
             self.jobs[req.id] = job
         self.publish_status()
 
-    def _reject(self, rid, code, message, response, correlation, mid, qos) -> None:
+    def _reject(self, rid, code, message, response, correlation, receipt: Receipt) -> None:
         if response or rid:
             self._publish(response or self.topics.reply(rid), proto.error(rid, code, message), correlation)
         self._log(rid, event="rejected", code=code, message=message, replied=bool(response or rid))
-        self._ack(mid, qos)
+        self._ack(receipt)
 
     def _cancel(self, payload: bytes) -> None:
         try:
@@ -327,7 +336,7 @@ class Daemon:
         self._publish(job.reply_topic, payload, job.correlation)
         for topic, correlation in job.repeats:
             self._publish(topic, proto.repeated(payload), correlation)
-        self._ack(job.mid, job.qos)
+        self._ack(job.receipt)
         self.publish_status()
 
     def _hand_back(self, job: Job, started: bool) -> None:
