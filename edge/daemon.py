@@ -117,6 +117,14 @@ class Daemon:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        # The fleet pool on a connection of its own without a persistent session: when the device dies, the broker
+        # drops its share of `$share/{fleet}/…/prompt` and hands the pool's prompts to the devices still alive
+        # (a persistent session would keep receiving them for its whole expiry). Its Last Will is the plain
+        # availability topic (Home Assistant's `availability_topic`).
+        self.pool_client = make_client(s, f"nomoat-{s.fleet}-{s.device}-pool", persistent=False, manual_ack=True)
+        self.pool_client.will_set(self.topics.availability, b"offline", qos=1, retain=True)
+        self.pool_client.on_connect = self._on_pool_connect
+        self.pool_client.on_message = self._on_message
         self.hooks: list = []  # extra (topic filter, handler) pairs, e.g. the fleet adapter updater
         self.subscriptions: list[str] = []  # extra topic filters to subscribe to on every connect
         self.disconnects = 0
@@ -130,11 +138,19 @@ class Daemon:
             return
         log.info("connected to %s (session present: %s)", self.profile.mqtt.broker, flags.session_present)
         opts = SubscribeOptions(qos=1)
-        subs = [(self.topics.prompt, opts), (self.topics.pool_shared, opts), (self.topics.cancel, opts)]
+        subs = [(self.topics.prompt, opts), (self.topics.cancel, opts)]
         subs.append((self.topics.status, SubscribeOptions(qos=1, noLocal=True)))  # another process as this device?
         subs += [(topic, opts) for topic in self.subscriptions]
         client.subscribe(subs)
+        client.unsubscribe(self.topics.pool_shared)  # a session of an older nomoat had the pool here
         self.publish_status()
+
+    def _on_pool_connect(self, client, userdata, flags, reason, properties):
+        if reason.is_failure:
+            log.error("broker refused the pool connection: %s", reason)
+            return
+        client.subscribe(self.topics.pool_shared, qos=1)
+        client.publish(self.topics.availability, b"online", qos=1, retain=True)
 
     def _on_disconnect(self, client, userdata, flags, reason, properties):
         self.disconnects += 1
@@ -174,6 +190,7 @@ class Daemon:
                       f"--device")
         log.error(self.fatal)
         self.client.disconnect()  # no reconnect
+        self.pool_client.disconnect()
         self.halted.set()
 
     def _on_status(self, payload: bytes) -> None:
@@ -340,11 +357,11 @@ class Daemon:
         self.publish_status()
 
     def _hand_back(self, job: Job, started: bool) -> None:
-        """A request the daemon stops without answering. QoS 1/2: not acknowledged, so the broker delivers it
-        again when the device is back (a stream then starts again at seq 0; the notice says so). QoS 0 cannot
-        come back: it gets the final error `unavailable`."""
+        """A request the daemon stops without answering. QoS 1/2 to this device: not acknowledged, so the broker
+        delivers it again when the device is back (a stream then starts again at seq 0; the notice says so).
+        QoS 0 and pool requests cannot come back (the pool's session ends with the process): `unavailable`."""
         rid = job.request.id
-        if job.qos == 0:
+        if job.qos == 0 or job.receipt[0] is self.pool_client:  # the pool's session ends with the process
             self._publish(job.reply_topic, proto.error(rid, "unavailable", "the device shut down before it "
                                                        "answered; send the request again"), job.correlation)
         elif started:
@@ -395,12 +412,18 @@ class Daemon:
     def start(self) -> None:
         connect(self.client, self.profile.mqtt, self.limits["max_packet_bytes"])
         self.client.loop_start()
+        connect(self.pool_client, self.profile.mqtt, self.limits["max_packet_bytes"])
+        self.pool_client.loop_start()
         self.worker = threading.Thread(target=self._work, name="nomoat-worker", daemon=True)
         self.worker.start()
 
     def stop(self) -> None:
-        """Hand the current and queued requests back (`_hand_back`), publish offline, disconnect."""
+        """Leave the pool, hand the current and queued requests back (`_hand_back`), publish offline, disconnect."""
         self.stopping.set()
+        if not self.fatal:
+            self._wait(self.pool_client.publish(self.topics.availability, b"offline", qos=1, retain=True))
+        self.pool_client.disconnect()
+        self.pool_client.loop_stop()
         if hasattr(self, "worker"):
             self.worker.join(timeout=30)
         while True:
@@ -409,13 +432,16 @@ class Daemon:
             except queue.Empty:
                 break
         if not self.fatal:  # taken over: the status is the other process's now
-            info = self.client.publish(self.topics.status, self._status("offline"), qos=1, retain=True)
-            try:
-                info.wait_for_publish(timeout=5)
-            except (RuntimeError, ValueError):
-                pass
+            self._wait(self.client.publish(self.topics.status, self._status("offline"), qos=1, retain=True))
         self.client.disconnect()
         self.client.loop_stop()
+
+    @staticmethod
+    def _wait(info: mqtt.MQTTMessageInfo) -> None:
+        try:
+            info.wait_for_publish(timeout=5)
+        except (RuntimeError, ValueError):
+            pass
 
     def serve_forever(self) -> None:
         """Serve until SIGTERM/SIGINT; RuntimeError when the daemon had to stop on its own (`fatal`)."""

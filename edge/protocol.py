@@ -54,6 +54,10 @@ class Topics:
         return f"{self.prefix}/{self.fleet}/{self.device}/status"
 
     @property
+    def availability(self) -> str:  # retained "online" / "offline" (the pool connection's Last Will)
+        return f"{self.prefix}/{self.fleet}/{self.device}/availability"
+
+    @property
     def events(self) -> str:
         return f"{self.prefix}/{self.fleet}/{self.device}/events"
 

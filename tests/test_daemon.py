@@ -600,3 +600,51 @@ def test_repeated_ids_a_retry_gets_the_answer_marked_another_request_gets_duplic
         first.close()
         retry.close()
         d.stop()
+
+
+def retained(broker, topic, timeout=5.0) -> bytes | None:
+    box: queue.Queue = queue.Queue()
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c.on_message = lambda cl, u, m: box.put(m.payload)
+    c.connect("127.0.0.1", broker.port)
+    c.subscribe(topic, qos=1)
+    c.loop_start()
+    try:
+        return box.get(timeout=timeout)
+    except queue.Empty:
+        return None
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+def test_the_pool_fails_over_when_a_device_is_killed_and_availability_says_so(broker, model):
+    """With the pool on the devices' persistent sessions, Mosquitto kept handing a dead device its share of the
+    pool's prompts (for the session expiry, a day): half of them waited."""
+    procs = {n: serve_process(broker, model, device=n) for n in ("pa", "pb")}
+    c = Client(broker)
+    try:
+        for n in procs:
+            wait_status(broker, n, "online", timeout=60)
+        assert retained(broker, "nomoat/f/pb/availability") == b"online"
+        procs["pb"].kill()  # kill -9: no clean shutdown
+        procs["pb"].wait()
+        time.sleep(0.5)
+        assert retained(broker, "nomoat/f/pb/availability") == b"offline"  # its Last Will
+        start, answered = time.time(), {}
+        for i in range(6):
+            c.send("nomoat/f/prompt", {"id": f"pool{i}", "prompt": "x", "max_tokens": 2, "stream": False})
+        while len(answered) < 6 and time.time() < start + 20:
+            try:
+                _, m, _ = c.inbox.get(timeout=1)
+            except queue.Empty:
+                continue
+            if m.get("done"):
+                answered[m["id"]] = time.time() - start
+        assert sorted(answered) == [f"pool{i}" for i in range(6)], answered
+        print(f"\npool with one of two devices dead: 6 prompts answered in {max(answered.values()):.2f} s")
+    finally:
+        c.close()
+        for p in procs.values():
+            p.kill()
+            p.wait()
