@@ -370,14 +370,24 @@ def keygen(output):
 
 
 @main.group()
-def fleet() -> None:
+@click.option("--prefix", default="nomoat", show_default=True, envvar="NOMOAT_PREFIX",
+              help="The fleet's topic prefix (the devices' profile [mqtt] prefix).")
+@click.pass_context
+def fleet(ctx, prefix) -> None:
     """Operate a fleet: push, roll back, remove adapters; see device status."""
+    ctx.obj = {"prefix": prefix}
 
 
 def _fleet_settings(broker, fleet_name):
     from .profile import MqttSettings
 
-    return MqttSettings(broker=broker, fleet=fleet_name)
+    return MqttSettings(broker=broker, fleet=fleet_name, prefix=click.get_current_context().find_object(dict)["prefix"])
+
+
+def _adapter_topic(settings, name: str) -> str:
+    from .protocol import Topics
+
+    return Topics(settings.prefix, settings.fleet, "+").adapter(name)
 
 
 def _adapter_name(ctx, param, value):
@@ -421,18 +431,19 @@ def fleet_push(adapter_file, name, fleet_name, broker, key, version, activate, s
     version = version if version is not None else int(meta.get("version", 1))
     manifest, chunks = build_push(Path(adapter_file), name, version, meta["base_model_hash"], load_key(Path(key)),
                                   chunk_size, activate, scale, time.time() + expires_in if expires_in else None)
-    base = f"nomoat/{fleet_name}/adapters/{name}"
+    settings = _fleet_settings(broker, fleet_name)
+    base = _adapter_topic(settings, name)
     messages = [(f"{base}/{version}/{i}", c) for i, c in enumerate(chunks)]
     messages.append((base, json.dumps(manifest).encode()))  # manifest last: chunks are there when it lands
     wire = sum(len(topic) + len(payload) for topic, payload in messages)
     summary = (f"pushed {name} v{version}: {manifest['size']} bytes in {len(chunks)} chunks "
                f"({wire} bytes of topics and payloads) to fleet {fleet_name}")
     if not wait_for:
-        publish_all(_fleet_settings(broker, fleet_name), messages)
+        publish_all(settings, messages)
         click.echo(summary)
         return
     until = "activated" if activate else "installed"
-    events = push_and_watch(_fleet_settings(broker, fleet_name), messages, name, version, wait_for, until, timeout)
+    events = push_and_watch(settings, messages, name, version, wait_for, until, timeout)
     click.echo(summary)
     for e in events:
         click.echo(f"  {e['device']:16s} {e['event']:10s} after {e['seconds']:.2f} s {e.get('reason', '')}")
@@ -448,8 +459,10 @@ def fleet_push(adapter_file, name, fleet_name, broker, key, version, activate, s
 def fleet_status(fleet_name, broker, wait):
     """Devices of the fleet from their retained status."""
     from .client import collect_retained
+    from .protocol import Topics
 
-    found = collect_retained(_fleet_settings(broker, fleet_name), f"nomoat/{fleet_name}/+/status", wait)
+    settings = _fleet_settings(broker, fleet_name)
+    found = collect_retained(settings, Topics(settings.prefix, fleet_name, "+").status, wait)
     click.echo(f"{'device':16s} {'state':8s} {'model hash':14s} {'adapters':30s} last push")
     for s in sorted(found.values(), key=lambda s: s.get("device", "")):
         adapters = ",".join(f"{n}@v{v}" for n, v in s.get("installed", {}).items()) or "-"
@@ -486,7 +499,8 @@ def _control(action, name, version, fleet_name, broker, key):
     from .fleet import control_manifest, load_key
 
     m = control_manifest(action, name, version, load_key(Path(key)))
-    publish_all(_fleet_settings(broker, fleet_name), [(f"nomoat/{fleet_name}/adapters/{name}", json.dumps(m).encode())])
+    settings = _fleet_settings(broker, fleet_name)
+    publish_all(settings, [(_adapter_topic(settings, name), json.dumps(m).encode())])
     click.echo(f"{action} {name} published to fleet {fleet_name}")
 
 

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from .daemon import connect, make_client
 from .profile import MqttSettings
 from .protocol import Topics
+from .session import connect, make_client
 
 
 def ask(settings: MqttSettings, request: dict, pool: bool = False, timeout: float = 120.0) -> Iterator[dict]:

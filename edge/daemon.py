@@ -18,7 +18,6 @@ import json
 import logging
 import queue
 import signal
-import ssl
 import threading
 import time
 import uuid
@@ -34,37 +33,10 @@ from . import __version__
 from . import protocol as proto
 from .fleet import MAX_CHUNK, MAX_MANIFEST
 from .generate import GenerationError, Generator
-from .profile import MqttSettings, Profile
+from .profile import Profile
+from .session import connect, make_client
 
 log = logging.getLogger("nomoat.daemon")
-
-
-def make_client(settings: MqttSettings, client_id: str, persistent: bool, manual_ack: bool = False) -> mqtt.Client:
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
-                         manual_ack=manual_ack)
-    broker = proto.parse_broker(settings.broker)
-    if settings.username:
-        client.username_pw_set(settings.username, settings.password or None)
-    if broker.tls or settings.ca_file:
-        client.tls_set(ca_certs=settings.ca_file or None, certfile=settings.cert_file or None,
-                       keyfile=settings.key_file or None, cert_reqs=ssl.CERT_REQUIRED)
-    client.reconnect_delay_set(min_delay=1, max_delay=30)  # exponential backoff between reconnects
-    client.max_queued_messages_set(10000)
-    client._nomoat_broker = broker  # noqa: SLF001 (kept for connect())
-    client._nomoat_persistent = persistent  # noqa: SLF001
-    return client
-
-
-def connect(client: mqtt.Client, settings: MqttSettings, max_packet: int = 0) -> None:
-    """Connect in the background (paho reconnects); `max_packet`: the largest packet the broker may send us."""
-    props = Properties(PacketTypes.CONNECT)
-    if client._nomoat_persistent:  # noqa: SLF001
-        props.SessionExpiryInterval = settings.session_expiry
-    if max_packet:
-        props.MaximumPacketSize = max_packet
-    b = client._nomoat_broker  # noqa: SLF001
-    client.connect_async(b.host, b.port, keepalive=settings.keepalive,
-                         clean_start=not client._nomoat_persistent, properties=props)  # noqa: SLF001
 
 
 def _response_topic(msg: mqtt.MQTTMessage, topics: proto.Topics) -> str | None:
@@ -283,9 +255,9 @@ class Daemon:
     # ---- publishing ------------------------------------------------------------------------
     def _publish(self, topic: str, payload: bytes, correlation: bytes | None = None, qos: int = 1,
                  retain: bool = False) -> None:
-        props = None
+        props = Properties(PacketTypes.PUBLISH)
+        props.PayloadFormatIndicator, props.ContentType = 1, "application/json"  # every payload is UTF-8 JSON
         if correlation is not None:
-            props = Properties(PacketTypes.PUBLISH)
             props.CorrelationData = correlation
         try:
             self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)

@@ -61,6 +61,13 @@ class Topics:
     def events(self) -> str:
         return f"{self.prefix}/{self.fleet}/{self.device}/events"
 
+    @property
+    def adapters(self) -> str:
+        return f"{self.prefix}/{self.fleet}/adapters"
+
+    def adapter(self, name: str) -> str:  # an adapter's signed manifest; its chunks are under it
+        return f"{self.adapters}/{name}"
+
     def reply(self, request_id: str) -> str:
         return f"{self.prefix}/{self.fleet}/{self.device}/reply/{request_id}"
 

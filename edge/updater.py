@@ -30,8 +30,7 @@ class AdapterUpdater:
         p = daemon.profile
         self.store = AdapterStore(store_root, p.adapter_store_mb * 1024 * 1024)
         self.trusted = p.trusted_keys
-        t = daemon.topics
-        self.base = f"{t.prefix}/{t.fleet}/adapters"
+        self.base = daemon.topics.adapters
         self.pending: dict[str, dict] = {}  # name -> the verified manifest being downloaded (one per name)
         self.last_push: dict = {}
         self._load_installed()

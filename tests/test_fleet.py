@@ -238,3 +238,26 @@ def test_cli_push_waits_for_the_fleet(broker, slots, adapter_file, key, tmp_path
     finally:
         for d in devices:
             d.stop()
+
+
+def test_cli_fleet_commands_use_the_fleets_topic_prefix(broker, slots, adapter_file, key, tmp_path):
+    from click.testing import CliRunner
+
+    from edge.cli import main
+
+    key_path, pub = key
+    p = profile(broker, device="d1")
+    p.mqtt.prefix, p.trusted_keys = "acme", [pub]
+    d = Daemon(Generator(slots), p)
+    AdapterUpdater(d, tmp_path / "store")
+    d.start()
+    try:
+        args = ["fleet", "--prefix", "acme", "push", str(adapter_file), "--name", "a1", "--fleet", "f", "--broker",
+                broker.url, "--key", str(key_path), "--activate", "--wait-for", "1", "--timeout", "30"]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0 and "activated" in result.output, result.output
+        result = CliRunner().invoke(main, ["fleet", "--prefix", "acme", "status", "--fleet", "f", "--broker",
+                                           broker.url, "--wait", "1"])
+        assert "a1@v1" in result.output, result.output
+    finally:
+        d.stop()
