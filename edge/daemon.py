@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
@@ -69,7 +70,11 @@ class Daemon:
         if not s.device:
             raise ValueError("a device name is required (--device or [mqtt] device in the profile)")
         self.topics = proto.Topics(s.prefix, s.fleet, s.device)
-        self.queue: queue.Queue[Job] = queue.Queue(maxsize=profile.queue_size)
+        # The worker's inbox: prompts (Job) and device-state changes (adapter installs, activations, removals as
+        # callables), in arrival order. The worker alone owns the Generator and the default adapters; MQTT callbacks
+        # only parse, check and enqueue.
+        self.queue: queue.Queue[Job | Callable[[], None]] = queue.Queue()
+        self.waiting = 0  # prompts in the queue (at most queue_size)
         self.current: Job | None = None
         self.jobs: dict[str, Job] = {}  # queued or running, by id
         self.done: OrderedDict[str, tuple[str, bytes]] = OrderedDict()  # id -> (content, final message), recent
@@ -224,12 +229,12 @@ class Daemon:
             if self.stopping.is_set():  # arrived while shutting down: handed back like the queued ones
                 self._hand_back(job, started=False)
                 return
-            try:
-                self.queue.put_nowait(job)
-            except queue.Full:
+            if self.waiting >= p.queue_size:
                 self._reject(req.id, "busy", f"queue full ({p.queue_size} waiting); retry later", response,
                              correlation, receipt)
                 return
+            self.waiting += 1
+            self.queue.put(job)
             self.jobs[req.id] = job
         self.publish_status()
 
@@ -272,7 +277,7 @@ class Daemon:
             "context_length": self.gen.model.max_length, "kv_cache": m.kv_dtype,
             "protocol": proto.PROTOCOL_VERSION, "adapters": sorted(self.gen.adapters.adapters),
             "default_adapters": [{"name": n, "scale": s} for n, s in self.default_adapters],
-            "queue": self.queue.qsize(), "uptime_s": round(time.time() - self.started, 1),
+            "queue": self.waiting, "uptime_s": round(time.time() - self.started, 1),
             "last_tok_s": self.last_tok_s, "ts": round(time.time(), 3), "instance": self.instance,
             "started": round(self.started, 3), "limits": self.limits, **self.status_extra(),
         }).encode()
@@ -281,7 +286,7 @@ class Daemon:
         return {}
 
     def publish_status(self, state: str | None = None) -> None:
-        state = state or ("busy" if self.current or not self.queue.empty() else "online")
+        state = state or ("busy" if self.current or self.waiting else "online")
         self._publish(self.topics.status, self._status(state), retain=True)
 
     def _log(self, rid, **fields) -> None:
@@ -291,16 +296,25 @@ class Daemon:
             log.info("request %s %s", rid, " ".join(f"{k}={v}" for k, v in fields.items()))
 
     # ---- the worker --------------------------------------------------------------------------
+    def on_worker(self, task: Callable[[], None]) -> None:
+        """Run `task` on the worker, between two requests (device-state changes: the worker owns that state)."""
+        self.queue.put(task)
+
     def _work(self) -> None:
         while not self.stopping.is_set():
             try:
-                job = self.queue.get(timeout=0.2)
+                item = self.queue.get(timeout=0.2)
             except queue.Empty:
                 continue
             try:
-                self._run(job)
-            except Exception:  # a bug in the bookkeeping: log it, and keep the worker alive
-                log.exception("request %s", job.request.id)
+                if isinstance(item, Job):
+                    with self.lock:
+                        self.waiting -= 1
+                    self._run(item)
+                else:
+                    item()
+            except Exception:  # a bug in the bookkeeping or a task: log it, and keep the worker alive
+                log.exception("worker item %s", getattr(getattr(item, "request", None), "id", item))
 
     def _run(self, job: Job) -> None:
         self.current = job
@@ -400,9 +414,11 @@ class Daemon:
             self.worker.join(timeout=30)
         while True:
             try:
-                self._hand_back(self.queue.get_nowait(), started=False)
+                item = self.queue.get_nowait()
             except queue.Empty:
                 break
+            if isinstance(item, Job):  # (state changes not made yet come back: their manifests are retained)
+                self._hand_back(item, started=False)
         if not self.fatal:  # taken over: the status is the other process's now
             self._wait(self.client.publish(self.topics.status, self._status("offline"), qos=1, retain=True))
         self.client.disconnect()

@@ -5,6 +5,11 @@ freshness: `AdapterStore.check_fresh`) makes it subscribe to that one version's 
 the broker sends them then, and again after a restart. So nothing an attacker publishes elsewhere reaches
 the device, and a chunk that does not match its signed hash is dropped while the device waits for the real
 one. Chunks already verified are kept on disk and not needed twice.
+
+Threads: manifests and chunks are checked on paho's network thread (nothing there touches the model); what
+changes the device's state — installing, activating, rolling back, removing — runs on the daemon's worker
+between two requests (`Daemon.on_worker`), which checks freshness again first: the worker alone owns the
+Generator and its adapters, and a request always runs with one adapter set from its first token to its last.
 """
 
 from __future__ import annotations
@@ -51,7 +56,8 @@ class AdapterUpdater:
         self.d.default_adapters = tuple(defaults)
 
     def status(self) -> dict:
-        return {"installed": {n: e["version"] for n, e in self.store.state["adapters"].items()},
+        installed = list(self.store.state["adapters"].items())  # (one step: the worker may change it meanwhile)
+        return {"installed": {n: e["version"] for n, e in installed},
                 "last_push": self.last_push}
 
     def event(self, event: str, name: str, version, **extra) -> None:
@@ -69,8 +75,13 @@ class AdapterUpdater:
         name = msg.topic.rsplit("/", 1)[1]
         try:
             m = parse_manifest(msg.payload, name, self.trusted)
-            if self.store.check_fresh(m):
-                {"adapter": self._offer, "rollback": self._rollback, "remove": self._remove}[m["type"]](m)
+            if not self.store.check_fresh(m):
+                return
+            if m["type"] == "adapter":
+                self._offer(m)
+            else:
+                self._supersede(m["name"], m["created"])
+                self.d.on_worker(lambda: self._change(m, self._rollback if m["type"] == "rollback" else self._remove))
         except PushRejected as e:
             self.event("rejected", name[:80], _claimed_version(msg.payload), reason=str(e))
         except Exception as e:  # a bug here must still answer the operator, and leave the previous adapter
@@ -108,9 +119,12 @@ class AdapterUpdater:
         if old and old["created"] < created:
             self._abandon(old)
 
-    def _abandon(self, m: dict) -> None:
+    def _stop_fetching(self, m: dict) -> None:
         self.pending.pop(m["name"], None)
         self.d.client.unsubscribe(self._chunk_filter(m))
+
+    def _abandon(self, m: dict) -> None:
+        self._stop_fetching(m)
         self.store.drop_partial(m["name"], m["version"])
 
     # ---- chunks ---------------------------------------------------------------------------------
@@ -141,19 +155,37 @@ class AdapterUpdater:
         self._try_complete(m)
 
     def _try_complete(self, m: dict) -> None:
+        folder = self.store.partial(m["name"], m["version"])
+        if all((folder / f"{i}.chunk").exists() for i in range(len(m["chunks"]))):
+            self._stop_fetching(m)
+            self.d.on_worker(lambda: self._change(m, self._install))
+
+    # ---- on the worker ------------------------------------------------------------------------------
+    def _change(self, m: dict, change) -> None:
+        """Make a state change for the accepted order `m`, if it is still the newest (an order accepted while
+        this one waited for the worker may have made it stale)."""
+        try:
+            if self.store.check_fresh(m):
+                change(m)
+        except PushRejected as e:
+            self.event("rejected", m["name"], m["version"], reason=str(e))
+        except Exception as e:  # as in on_manifest
+            log.exception("adapter %s v%s", m["name"], m["version"])
+            self.event("rejected", m["name"], m["version"], reason=f"internal error: {e}")
+        finally:
+            if m["type"] == "adapter":
+                self.store.drop_partial(m["name"], m["version"])
+
+    def _install(self, m: dict) -> None:
         name, version = m["name"], m["version"]
-        folder = self.store.partial(name, version)
-        parts = [folder / f"{i}.chunk" for i in range(len(m["chunks"]))]
-        if not all(p.exists() for p in parts):
-            return
-        data = b"".join(p.read_bytes() for p in parts)
-        self._abandon(m)
+        folder = self.store.partial(name, version, create=False)
+        data = b"".join((folder / f"{i}.chunk").read_bytes() for i in range(len(m["chunks"])))
         if len(data) != m["size"] or hashlib.sha256(data).hexdigest() != m["sha256"]:
             raise PushRejected("assembled file does not match its sha256")
         self.event("verified", name, version)
         path = self.store.install(name, version, data)
         try:
-            self.gen.load_adapter(path, name)  # hot swap: requests in flight keep their bound tensors
+            self.gen.load_adapter(path, name)  # between requests: the next one binds it
         except AdapterError as e:
             path.unlink(missing_ok=True)
             raise PushRejected(str(e)) from None
@@ -176,7 +208,6 @@ class AdapterUpdater:
         path = self.store.path(name, version)
         if not path.exists():
             raise PushRejected(f"version {version} is not in the adapter store")
-        self._supersede(name, m["created"])
         entry = self.store.installed(name) or {"active": False, "scale": 1.0}
         try:
             self.gen.load_adapter(path, name)
@@ -190,7 +221,6 @@ class AdapterUpdater:
 
     def _remove(self, m: dict) -> None:
         name = m["name"]
-        self._supersede(name, m["created"])
         if name in self.gen.adapters.adapters:
             self.gen.adapters.remove(name)
         self.d.default_adapters = tuple((n, s) for n, s in self.d.default_adapters if n != name)

@@ -261,3 +261,42 @@ def test_cli_fleet_commands_use_the_fleets_topic_prefix(broker, slots, adapter_f
         assert "a1@v1" in result.output, result.output
     finally:
         d.stop()
+
+
+def test_a_push_during_a_stream_changes_nothing_in_it_and_applies_to_the_next_request(broker, slots, adapter_file,
+                                                                                     key, adapters, exported,
+                                                                                     tmp_path):
+    """The worker owns the model's adapters: an install/activation waits for the running request, whose every
+    token comes from the adapter set it started with."""
+    from test_daemon import Client, gated
+
+    key_path, pub = key
+    ev = Events(broker)
+    p = profile(broker, device="d1")
+    p.trusted_keys = [pub]
+    d = Daemon(Generator(slots), p)
+    AdapterUpdater(d, tmp_path / "store")
+    gate = gated(d, seconds_per_token=0.03)
+    gate.set()
+    d.start()
+    wait_status(broker, "d1", "online")
+    c = Client(broker)
+    try:
+        base = Generator(slots).generate("The capital", max_tokens=40, stop=["<never>"]).text
+        c.send("nomoat/f/d1/prompt", {"id": "long", "prompt": "The capital", "max_tokens": 40, "stop": ["<never>"]})
+        end = time.time() + 10
+        while d.current is None and time.time() < end:
+            time.sleep(0.01)
+        push(broker, adapter_file, key_path, version=1, activate=True)
+        final = c.until_done("long")[-1][1]
+        arrived = time.time()
+        activated = ev.wait("activated", "d1")
+        assert final["text"] == base  # no token of it saw the new adapter
+        assert activated["ts"] >= arrived - 0.5  # installed after the stream, not during it
+        merged = exported("merged-a1", precision="fp32", loras=[(adapters[0], 1.0)])
+        want = Generator(merged).generate("The capital", max_tokens=12).text
+        assert ask(broker, "d1")["text"] == want
+    finally:
+        c.close()
+        d.stop()
+        ev.close()
