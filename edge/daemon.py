@@ -116,7 +116,7 @@ class Daemon:
         log.info("connected to %s (session present: %s)", self.profile.mqtt.broker, flags.session_present)
         opts = SubscribeOptions(qos=1)
         subs = [(self.topics.prompt, opts), (self.topics.cancel, opts)]
-        subs.append((self.topics.status, SubscribeOptions(qos=1, noLocal=True)))  # another process as this device?
+        subs.append((self.topics.status, opts))  # another process as this device? (`_on_status`)
         subs += [(topic, opts) for topic in self.subscriptions]
         client.subscribe(subs)
         client.unsubscribe(self.topics.pool_shared)  # a session of an older nomoat had the pool here
