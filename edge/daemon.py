@@ -155,7 +155,7 @@ class Daemon:
         except Exception as e:  # a bug must not take the network loop down, nor leave a prompt unanswered
             log.exception("error handling a message on %s", msg.topic)
             if msg.topic in (self.topics.prompt, self.topics.pool):
-                self._reject(proto._sniff_id(msg.payload), "internal", str(e), _response_topic(msg, self.topics),
+                self._reject(proto.sniff_id(msg.payload), "internal", str(e), _response_topic(msg, self.topics),
                              getattr(getattr(msg, "properties", None), "CorrelationData", None), receipt)
                 return
         self._ack(receipt)

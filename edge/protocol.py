@@ -116,13 +116,13 @@ def parse_request(payload: bytes, max_payload: int, max_prompt_chars: int, max_n
     """A validated request, or RequestError with a code (and the id when one could be read)."""
     if len(payload) > max_payload:
         raise RequestError("too_large", f"payload is {len(payload)} bytes; the limit is {max_payload}",
-                           _sniff_id(payload))
+                           sniff_id(payload))
     try:
         data = json.loads(payload, parse_constant=_no_constant)
     except RecursionError:
-        raise RequestError("invalid_json", "payload is nested too deeply", _sniff_id(payload)) from None
+        raise RequestError("invalid_json", "payload is nested too deeply", sniff_id(payload)) from None
     except ValueError as e:  # bad UTF-8, bad JSON, NaN, integers of 4300+ digits
-        raise RequestError("invalid_json", f"payload is not JSON: {str(e)[:200]}", _sniff_id(payload)) from None
+        raise RequestError("invalid_json", f"payload is not JSON: {str(e)[:200]}", sniff_id(payload)) from None
     if not isinstance(data, dict):
         raise RequestError("invalid_request", "payload must be a JSON object")
     rid = data.get("id")
@@ -187,7 +187,8 @@ def parse_request(payload: bytes, max_payload: int, max_prompt_chars: int, max_n
                    bool(_typed(data, "stream", bool, rid, True)), deadline, content=content)
 
 
-def _sniff_id(payload: bytes) -> str | None:
+def sniff_id(payload: bytes) -> str | None:
+    """The id of a payload that could not be parsed, where its first 4 KiB show one (so it can be answered)."""
     m = re.search(rb'"id"\s*:\s*"([A-Za-z0-9_.:\-]{1,128})"', payload[:4096])
     return m.group(1).decode() if m else None
 
