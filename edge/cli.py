@@ -268,26 +268,24 @@ def doctor(profile, model, as_json):
 
 def _mqtt_options(f):
     for opt in reversed([
-        click.option("--broker", default=None, help="mqtt://host:port or mqtts://host:port (default: profile)."),
-        click.option("--fleet", default=None, help="Fleet name (default: profile)."),
-        click.option("--device", default=None, help="Device name (default: profile)."),
-        click.option("--profile", default=None, help="Device profile (file or name in firmware-configs/)."),
+        click.option("--broker", default=None, envvar="NOMOAT_BROKER",
+                     help="mqtt://host:port or mqtts://host:port (TLS) [default: config file, else mqtt://127.0.0.1:1883]."),
+        click.option("--fleet", default=None, envvar="NOMOAT_FLEET", help="Fleet name [default: config file]."),
+        click.option("--device", default=None, envvar="NOMOAT_DEVICE", help="Device name [default: config file]."),
+        click.option("--profile", default=None, envvar="NOMOAT_PROFILE",
+                     help="Device profile (file or name in firmware-configs/) [default: config file]."),
+        click.option("--config", "config_file", default=None, envvar="NOMOAT_CONFIG", type=click.Path(),
+                     help="Your config file (broker, TLS, fleet, device, keys, state) [default: "
+                          "~/.config/nomoat/nomoat.toml, then /etc/nomoat/nomoat.toml]."),
     ]):
         f = opt(f)
     return f
 
 
-def _profile_with(profile, broker, fleet, device):
-    from .profile import load_profile
+def _profile_with(profile, broker, fleet, device, config_file=None):
+    from .config import settings
 
-    prof = load_profile(profile)
-    if broker:
-        prof.mqtt.broker = broker
-    if fleet:
-        prof.mqtt.fleet = fleet
-    if device:
-        prof.mqtt.device = device
-    return prof
+    return settings(profile, config_file, broker, fleet, device)
 
 
 @main.command()
@@ -297,22 +295,23 @@ def _profile_with(profile, broker, fleet, device):
 @click.option("--adapter-store", default=None, type=click.Path(), help="Folder for pushed adapters.")
 @click.option("--trust", multiple=True, help="Ed25519 public key (hex) allowed to sign adapter pushes.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
-def serve(model, broker, fleet, device, profile, adapter_file, adapter_store, trust, log_format):
+def serve(model, broker, fleet, device, profile, config_file, adapter_file, adapter_store, trust, log_format):
     """Run the device daemon: prompts in over MQTT, streamed answers out, signed adapter pushes installed."""
+    from .config import state_dir
     from .daemon import Daemon
     from .updater import AdapterUpdater
 
     try:
-        prof = _profile_with(profile, broker, fleet, device)
+        prof = _profile_with(profile, broker, fleet, device, config_file)
         prof.trusted_keys = [*prof.trusted_keys, *trust]
         gen = _generator(model, prof, adapter_file)
         daemon = Daemon(gen, prof, log_json=log_format == "json")
         if prof.trusted_keys:
             # a profile's store (or the default) holds one folder per base model
-            store = Path(adapter_store) if adapter_store else \
-                Path(prof.adapter_store or "~/.local/share/nomoat/adapters").expanduser() / gen.manifest.model_hash[:16]
+            root = Path(prof.adapter_store).expanduser() if prof.adapter_store else state_dir() / "adapters"
+            store = Path(adapter_store) if adapter_store else root / gen.manifest.model_hash[:16]
             AdapterUpdater(daemon, store)
-    except (*_errors(), ValueError) as e:
+    except (*_errors(), ValueError, OSError) as e:
         _fail(e)
     click.echo(f"serving {gen.manifest.name} as {prof.mqtt.fleet}/{prof.mqtt.device} on {prof.mqtt.broker}", err=True)
     try:
@@ -332,12 +331,18 @@ def serve(model, broker, fleet, device, profile, adapter_file, adapter_store, tr
 @click.option("--seed", type=int, default=None)
 @click.option("--adapter", "adapters", multiple=True, metavar="NAME[:SCALE]")
 @click.option("--timeout", type=float, default=120.0)
-def ask(prompt, broker, fleet, device, profile, pool, chat, max_tokens, temperature, repetition_penalty, seed,
-        adapters, timeout):
+def ask(prompt, broker, fleet, device, profile, config_file, pool, chat, max_tokens, temperature, repetition_penalty,
+        seed, adapters, timeout):
     """Send PROMPT to a device (or the fleet pool) and stream the answer."""
     from .client import ask as ask_request
 
-    prof = _profile_with(profile, broker, fleet, device)
+    try:
+        prof = _profile_with(profile, broker, fleet, device, config_file)
+    except _errors() as e:
+        _fail(e)
+    if not pool and not prof.mqtt.device:
+        _fail(ValueError("which device? Give --device (or [mqtt] device in your config file), or --pool for any "
+                         "device of the fleet"))
     req = {"max_tokens": max_tokens, "temperature": temperature, "repetition_penalty": repetition_penalty,
            "adapters": [{"name": n, "scale": s} for n, s in _adapters(adapters)]}
     if seed is not None:
@@ -354,7 +359,7 @@ def ask(prompt, broker, fleet, device, profile, pool, chat, max_tokens, temperat
                 click.echo()
                 click.echo(json.dumps({"finish_reason": msg["finish_reason"], "usage": msg["usage"],
                                        **msg["timings"]}), err=True)
-    except TimeoutError as e:
+    except (TimeoutError, ConnectionError, ValueError, OSError) as e:
         _fail(e)
 
 

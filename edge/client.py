@@ -18,13 +18,17 @@ from .session import connect, make_client
 def ask(settings: MqttSettings, request: dict, pool: bool = False, timeout: float = 120.0) -> Iterator[dict]:
     """Yield the reply messages (chunks, then the final one) for one request."""
     request = {"id": uuid.uuid4().hex[:16], **request}
-    topics = Topics(settings.prefix, settings.fleet, settings.device or "any")
+    topics = Topics(settings.prefix, settings.fleet, settings.device or "-")
     reply_topic = f"{settings.prefix}/{settings.fleet}/clients/{uuid.uuid4().hex}"
     correlation = request["id"].encode()
     inbox: queue.Queue = queue.Queue()
     client = make_client(settings, f"nomoat-ask-{uuid.uuid4().hex[:8]}", persistent=False)
 
     def on_connect(c, userdata, flags, reason, properties):
+        if reason.is_failure:
+            inbox.put(ConnectionError(f"the broker {settings.broker} refused the connection: {reason}"))
+            return
+        inbox.put("connected")
         c.subscribe(reply_topic, qos=1)
 
     def on_subscribe(c, userdata, mid, reasons, properties):
@@ -41,11 +45,20 @@ def ask(settings: MqttSettings, request: dict, pool: bool = False, timeout: floa
     connect(client, settings)
     client.loop_start()
     try:
+        try:
+            first = inbox.get(timeout=min(timeout, 10.0))
+        except queue.Empty:
+            raise ConnectionError(f"cannot reach the broker at {settings.broker} (is Mosquitto running there?)") from None
+        if isinstance(first, Exception):
+            raise first
+        to = f"the fleet {settings.fleet!r}'s pool" if pool else f"device {settings.device!r} of fleet {settings.fleet!r}"
         while True:
             try:
                 message = inbox.get(timeout=timeout)
             except queue.Empty:
-                raise TimeoutError(f"no answer within {timeout:.0f}s (is the daemon running?)") from None
+                raise TimeoutError(f"the broker took the prompt, but {to} sent no answer within {timeout:.0f}s: is "
+                                   f"`nomoat serve` running there? (`nomoat fleet status --fleet {settings.fleet}` "
+                                   f"lists the devices)") from None
             yield message
             if message.get("done"):
                 return

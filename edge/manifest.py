@@ -89,6 +89,9 @@ class Manifest:
 
 def read_manifest(folder: str | Path, verify_files: bool = True) -> Manifest:
     folder = Path(folder)
+    if folder.is_file():  # a .gguf or safetensors file where the exported folder belongs
+        raise ModelError(f"{folder} is a file, not a model folder: export it first (`nomoat export {folder} -o "
+                         f"models/NAME`, on a laptop for a small board), then give models/NAME")
     if not folder.is_dir():
         raise ModelError(f"model folder not found: {folder}")
     path = folder / MANIFEST

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import shutil
 import sys
 import tempfile
@@ -54,6 +55,9 @@ def export_model(source: str | Path, out: str | Path, opts: BuildOptions, loras:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700: the service's user must be able to read the model
     try:
         save_tokenizer(source, tmp)
         if via == "optimum":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -68,3 +69,22 @@ def test_soak_loses_no_qos1_prompt_across_a_broker_restart_and_a_daemon_sigterm(
     assert len(report["events"]) == 2
     assert report["qos1"]["sent"] > 20 and report["qos1"]["lost"] == 0 and report["qos1"]["duplicated"] == 0, report
     assert report["qos0"]["duplicated"] == 0 and report["qos0"]["answered_once"] > 0, report
+
+
+def test_systemd_unit_verifies(tmp_path):
+    """tools/systemd/nomoat.service as systemd reads it (with this venv's nomoat in ExecStart): no unknown keys,
+    no errors."""
+    import shutil
+    import sys
+
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze is not installed")
+    unit = (ROOT / "tools" / "systemd" / "nomoat.service").read_text()
+    assert "ExecStart=/home/pi/venv/bin/nomoat serve" in unit and "StateDirectory=nomoat" in unit
+    nomoat = shutil.which("nomoat") or str(ROOT / ".venv" / "bin" / "nomoat")
+    if not os.path.exists(nomoat):
+        nomoat = sys.executable
+    (tmp_path / "nomoat.service").write_text(unit.replace("/home/pi/venv/bin/nomoat", nomoat))
+    out = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "nomoat.service")], capture_output=True,
+                         text=True)
+    assert out.returncode == 0 and not out.stdout.strip() and not out.stderr.strip(), out.stdout + out.stderr
