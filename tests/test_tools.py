@@ -88,3 +88,56 @@ def test_systemd_unit_verifies(tmp_path):
     out = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "nomoat.service")], capture_output=True,
                          text=True)
     assert out.returncode == 0 and not out.stdout.strip() and not out.stderr.strip(), out.stdout + out.stderr
+
+
+FAKE_PROOT = """#!/bin/bash
+# proot-distro for the test: "login debian -- CMD" logs CMD (and how many bytes came on stdin), runs nothing
+echo "proot-distro $*" >> "$FAKE_LOG"
+case "$1" in
+  install) touch "$FAKE_ROOT/installed" ;;
+  login)
+    [ -f "$FAKE_ROOT/installed" ] || { echo "debian is not installed" >&2; exit 1; }
+    shift 3
+    [ "$*" = true ] && exit 0
+    [ -t 0 ] || echo "stdin $(wc -c | tr -d ' ') bytes" >> "$FAKE_LOG"
+    case "$*" in *"pip install"*) [ -n "${FAIL_PIP:-}" ] && { echo "pip: no matching distribution" >&2; exit 1; } ;; esac
+    ;;
+esac
+exit 0
+"""
+
+
+def test_termux_install_script_reruns_and_fails_loudly(tmp_path, exported):
+    """tools/termux/install.sh against stand-ins for pkg and proot-distro: the second run does not reinstall Debian
+    (the old check read `proot-distro list` from stdout, which prints to stderr), files go in through `login`
+    (proot-distro 5.x moved the container's folder), and a failed pip install stops it instead of printing
+    "installed"."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "proot-distro").write_text(FAKE_PROOT)
+    (fake / "pkg").write_text('#!/bin/sh\necho "pkg $*" >> "$FAKE_LOG"\n')
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    wheel = tmp_path / "nomoat-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"x" * 1000)
+    model = exported("fp32-base", precision="fp32")
+    log = tmp_path / "log"
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "HOME": str(tmp_path / "home"),
+           "FAKE_LOG": str(log), "FAKE_ROOT": str(tmp_path)}
+
+    def install(**extra):
+        return subprocess.run(["bash", str(ROOT / "tools" / "termux" / "install.sh"), str(wheel), str(model)],
+                              capture_output=True, text=True, env={**env, **extra}, timeout=60)
+
+    first = install()
+    assert first.returncode == 0 and "installed. Next:" in first.stdout, first.stderr
+    lines = log.read_text().splitlines()
+    assert lines.count("proot-distro install debian") == 1 and "pkg install -y proot-distro" in lines
+    assert "stdin 1000 bytes" in lines  # the wheel, through login
+    assert any(line.startswith("stdin ") and int(line.split()[1]) > 10000 for line in lines)  # the model's tar
+    assert os.access(tmp_path / "home" / ".termux" / "boot" / "start-nomoat", os.X_OK)
+    log.write_text("")
+    again = install()
+    assert again.returncode == 0 and "proot-distro install debian" not in log.read_text(), again.stderr
+    failed = install(FAIL_PIP="1")
+    assert failed.returncode != 0 and "installed. Next" not in failed.stdout and "no matching distribution" in failed.stderr
