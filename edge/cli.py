@@ -282,10 +282,10 @@ def _mqtt_options(f):
     return f
 
 
-def _profile_with(profile, broker, fleet, device, config_file=None):
+def _profile_with(profile, broker, fleet, device, config_file=None, pick=False):
     from .config import settings
 
-    return settings(profile, config_file, broker, fleet, device)
+    return settings(profile, config_file, broker, fleet, device, pick)
 
 
 @main.command()
@@ -302,7 +302,7 @@ def serve(model, broker, fleet, device, profile, config_file, adapter_file, adap
     from .updater import AdapterUpdater
 
     try:
-        prof = _profile_with(profile, broker, fleet, device, config_file)
+        prof = _profile_with(profile, broker, fleet, device, config_file, pick=True)
         prof.trusted_keys = [*prof.trusted_keys, *trust]
         gen = _generator(model, prof, adapter_file)
         daemon = Daemon(gen, prof, log_json=log_format == "json")
@@ -313,7 +313,9 @@ def serve(model, broker, fleet, device, profile, config_file, adapter_file, adap
             AdapterUpdater(daemon, store)
     except (*_errors(), ValueError, OSError) as e:
         _fail(e)
-    click.echo(f"serving {gen.manifest.name} as {prof.mqtt.fleet}/{prof.mqtt.device} on {prof.mqtt.broker}", err=True)
+    click.echo(f"serving {gen.manifest.name} as {prof.mqtt.fleet}/{prof.mqtt.device} on {prof.mqtt.broker}, "
+               f"profile {prof.name}{' (picked for this device as nomoat doctor does)' if prof.picked else ''}",
+               err=True)
     try:
         daemon.serve_forever()
     except RuntimeError as e:

@@ -65,11 +65,15 @@ def read_config(path: Path | None) -> dict:
 
 
 def settings(profile: str | None = None, config: str | None = None, broker: str | None = None,
-             fleet: str | None = None, device: str | None = None) -> Profile:
-    """The profile with the user's configuration and the flags applied (see the module docstring)."""
+             fleet: str | None = None, device: str | None = None, pick: bool = False) -> Profile:
+    """The profile with the user's configuration and the flags applied (see the module docstring). With `pick`
+    and no profile named anywhere, the bundled profile `nomoat doctor` picks for this device."""
     path = config_path(config)
     user = read_config(path)
-    prof = load_profile(profile or user.get("profile"))
+    name = profile or user.get("profile")
+    picked = picked_profile() if pick and not name else None
+    prof = load_profile(name or picked)
+    prof.picked = bool(picked)  # (for the log: the device's pick, not the user's choice)
     where = str(path)
     for key in USER_KEYS - {"profile"}:
         if key in user:
@@ -91,6 +95,14 @@ def settings(profile: str | None = None, config: str | None = None, broker: str 
         if value:
             setattr(prof.mqtt, key, value)
     return prof
+
+
+def picked_profile() -> str | None:
+    """The bundled profile that fits this device best (`nomoat doctor`'s pick), or None."""
+    from .doctor import fitting_profiles, inspect_device
+
+    fits = fitting_profiles(inspect_device())
+    return fits[0] if fits else None
 
 
 def state_dir() -> Path:

@@ -128,3 +128,15 @@ def test_an_exported_folder_is_readable_by_other_users(exported):
     folder = exported("fp32-base", precision="fp32")
     mode = stat.S_IMODE(folder.stat().st_mode)
     assert mode & 0o005 == 0o005, oct(mode)  # mkdtemp's 0700 kept the service's user out
+
+
+def test_serve_without_a_profile_takes_doctors_pick_and_says_so(tmp_path, monkeypatch):
+    from edge.config import picked_profile
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    monkeypatch.delenv("NOMOAT_CONFIG", raising=False)
+    want = picked_profile()
+    p = settings(pick=True)
+    assert p.name == (want or "default") and p.picked == bool(want)
+    assert settings(profile="raspberry-pi-4", pick=True).picked is False
+    assert settings().name == "default"  # `ask` and friends: no pick needed
