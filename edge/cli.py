@@ -314,7 +314,8 @@ def serve(model, broker, fleet, device, profile, config_file, adapter_file, adap
     except (*_errors(), ValueError, OSError) as e:
         _fail(e)
     click.echo(f"serving {gen.manifest.name} as {prof.mqtt.fleet}/{prof.mqtt.device} on {prof.mqtt.broker}, "
-               f"profile {prof.name}{' (picked for this device as nomoat doctor does)' if prof.picked else ''}",
+               f"profile {prof.name}{' (picked for this device as nomoat doctor does)' if prof.picked else ''}, "
+               f"context {prof.context_length}",
                err=True)
     try:
         daemon.serve_forever()

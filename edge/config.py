@@ -71,9 +71,16 @@ def settings(profile: str | None = None, config: str | None = None, broker: str 
     path = config_path(config)
     user = read_config(path)
     name = profile or user.get("profile")
-    picked = picked_profile() if pick and not name else None
+    here = None
+    if pick:  # serve: this device's pick, and a context that fits its memory
+        from .doctor import fitting_context, fitting_profiles, inspect_device
+
+        here = inspect_device()
+    picked = (fitting_profiles(here) or [None])[0] if here and not name else None
     prof = load_profile(name or picked)
     prof.picked = bool(picked)  # (for the log: the device's pick, not the user's choice)
+    if here:
+        prof.context_length = fitting_context(prof, here)
     where = str(path)
     for key in USER_KEYS - {"profile"}:
         if key in user:
@@ -95,14 +102,6 @@ def settings(profile: str | None = None, config: str | None = None, broker: str 
         if value:
             setattr(prof.mqtt, key, value)
     return prof
-
-
-def picked_profile() -> str | None:
-    """The bundled profile that fits this device best (`nomoat doctor`'s pick), or None."""
-    from .doctor import fitting_profiles, inspect_device
-
-    fits = fitting_profiles(inspect_device())
-    return fits[0] if fits else None
 
 
 def state_dir() -> Path:

@@ -98,14 +98,37 @@ def inspect_device() -> Device:
                   board=_read("/proc/device-tree/model"))
 
 
-def model_memory_mb(model: str | Path, context_length: int) -> float:
-    """Weights plus the KV cache the runtime preallocates for this context length."""
-    m = read_manifest(model)
-    weights = sum(p.stat().st_size for p in m.folder.glob("model.onnx*"))
+# What `nomoat serve` holds besides the weights and the KV cache: Python, numpy, onnxruntime and its buffers, plus
+# the load's transient copy of the largest prepacked weights. Fitted to measured peaks (VmHWM of `nomoat serve` /
+# `nomoat bench`, x86, 2 threads, README "Memory"): SmolLM2-135M (105 MB of weights) 303-320 MiB after a 1000-token
+# prompt at context 2048; the 1.1B Q4_0 LLaMA (709 MB) 1065-1270 MiB.
+RUNTIME_MB = 130
+LOAD_SHARE = 0.25
+OS_RESERVE_MB = 100  # Raspberry Pi OS Lite after boot
+
+
+def kv_cache_mb(model: str | Path, context_length: int) -> float:
+    m = read_manifest(model, verify_files=False)
     _, kv_heads, max_length, head_dim = m.kv_shape
     width = np.dtype(m.kv_dtype).itemsize
-    kv = 2 * m.num_layers * kv_heads * min(context_length, max_length) * head_dim * width
-    return round((weights + kv) / 2**20, 1)
+    return 2 * m.num_layers * kv_heads * min(context_length, max_length) * head_dim * width / 2**20
+
+
+def model_memory_mb(model: str | Path, context_length: int) -> float:
+    """The peak a `nomoat serve` process reaches with this model at this context: the weights, the KV cache the
+    runtime preallocates, the runtime itself, and the load's transient copies (RUNTIME_MB, LOAD_SHARE)."""
+    m = read_manifest(model, verify_files=False)
+    weights = sum(p.stat().st_size for p in m.folder.glob("model.onnx*")) / 2**20
+    return round(weights * (1 + LOAD_SHARE) + kv_cache_mb(model, context_length) + RUNTIME_MB, 1)
+
+
+def fitting_context(profile: Profile, device: Device) -> int:
+    """The profile's context length, halved while its memory cap is above what this device has (a 2 GB Pi 5
+    runs the Pi 5 profile, with less context)."""
+    context, cap = profile.context_length, profile.memory_cap_mb
+    while cap and cap > device.memory_mb and context > 256:
+        context, cap = context // 2, cap // 2
+    return context
 
 
 def check(profile: Profile, device: Device, model: str | Path | None = None) -> list[tuple[bool, str]]:
@@ -119,7 +142,11 @@ def check(profile: Profile, device: Device, model: str | Path | None = None) -> 
     if profile.android != device.android:
         found.append((True, "made for Android" if profile.android else "not made for Android"))
     if profile.memory_cap_mb > device.memory_mb:
-        found.append((True, f"memory cap {profile.memory_cap_mb} MiB > {device.memory_mb} MiB installed"))
+        found.append((False, f"memory cap {profile.memory_cap_mb} MiB > {device.memory_mb} MiB installed: context "
+                             f"{fitting_context(profile, device)} instead of {profile.context_length} (set "
+                             f"context_length in a profile of your own to choose)"))
+    if profile.cpus and not any(c in device.cpu for c in profile.cpus):
+        found.append((False, f"tuned for {', '.join(profile.cpus)}; this CPU is {device.cpu}"))
     if device.machine == "aarch64" and profile.accuracy_level == 4 and "asimddp" not in device.features:
         found.append((False, "accuracy_level 4 needs dot-product instructions (asimddp); "
                              "onnxruntime falls back to the slower fp32 path here: use 1"))
@@ -129,22 +156,26 @@ def check(profile: Profile, device: Device, model: str | Path | None = None) -> 
     if profile.threads > device.cores:
         found.append((False, f"threads = {profile.threads} > {device.cores} cores"))
     if model is not None:
-        need = model_memory_mb(model, profile.context_length)
-        budget = min(filter(None, (profile.memory_cap_mb, device.available_mb)), default=0)
+        context = fitting_context(profile, device)
+        need = model_memory_mb(model, context)
+        # what the board can hold (its memory less the OS's share), not what happens to be free now
+        budget = min(filter(None, (profile.memory_cap_mb, device.memory_mb - OS_RESERVE_MB)), default=0)
         if budget and need > budget:
-            found.append((False, f"the model needs ~{need:.0f} MiB (weights + KV cache at context "
-                                 f"{profile.context_length}) > {budget} MiB: lower context_length"))
+            found.append((False, f"the model needs ~{need:.0f} MiB at its peak (context {context}) > {budget} MiB: "
+                                 f"it will not fit; lower context_length or use a smaller model"))
     return found
 
 
 def fitting_profiles(device: Device) -> list[str]:
-    """Bundled profiles without fatal problems here, the most capable (largest memory cap) first."""
+    """Bundled profiles without fatal problems here: those tuned for this CPU first, then those whose memory cap
+    this device has, then the most capable (largest memory cap)."""
     fits = []
     for name in bundled_profiles():
         profile = load_profile(name)
         if not any(fatal for fatal, _ in check(profile, device)):
-            fits.append((profile.memory_cap_mb, name))
-    return [name for _, name in sorted(fits, key=lambda f: (-f[0], f[1]))]
+            tuned = not profile.cpus or any(c in device.cpu for c in profile.cpus)
+            fits.append((not tuned, profile.memory_cap_mb > device.memory_mb, -profile.memory_cap_mb, name))
+    return [f[-1] for f in sorted(fits)]
 
 
 def report(device: Device, profile: Profile | None = None, model: str | Path | None = None) -> dict:
@@ -152,7 +183,8 @@ def report(device: Device, profile: Profile | None = None, model: str | Path | N
     chosen = profile or (load_profile(fits[0]) if fits else Profile())
     return {"device": asdict(device), "fitting_profiles": fits, "profile": chosen.name,
             "problems": [{"fatal": fatal, "message": msg} for fatal, msg in check(chosen, device, model)],
-            "model_memory_mb": model_memory_mb(model, chosen.context_length) if model else None}
+            "context_length": fitting_context(chosen, device),
+            "model_memory_mb": model_memory_mb(model, fitting_context(chosen, device)) if model else None}
 
 
 def format_report(r: dict) -> str:
@@ -169,7 +201,8 @@ def format_report(r: dict) -> str:
         f"fits         {', '.join(r['fitting_profiles']) or 'no bundled profile (the built-in default is used)'}",
     ]
     if r["model_memory_mb"] is not None:
-        lines.append(f"model        ~{r['model_memory_mb']:.0f} MiB (weights + KV cache)")
-    lines.append(f"profile      {r['profile']}: " + ("OK" if not r["problems"] else f"{len(r['problems'])} problem(s)"))
+        lines.append(f"model        ~{r['model_memory_mb']:.0f} MiB at its peak (weights, KV cache, runtime)")
+    lines.append(f"profile      {r['profile']} (context {r['context_length']}): "
+                 + ("OK" if not r["problems"] else f"{len(r['problems'])} problem(s)"))
     lines += [f"  {'ERROR' if p['fatal'] else 'warning'}: {p['message']}" for p in r["problems"]]
     return "\n".join(lines)

@@ -43,6 +43,7 @@ class Profile:
     # What the profile is for (`nomoat doctor` matches them against the machine; empty = any).
     arch: str = ""  # platform.machine(): "aarch64", "x86_64"
     cpu_features: list[str] = field(default_factory=list)  # /proc/cpuinfo flags it needs, e.g. "asimddp"
+    cpus: list[str] = field(default_factory=list)  # the cores it is tuned for, e.g. "Cortex-A53": ranks it first there
     android: bool = False  # only for Android (Termux / proot-distro)
     providers: list[Provider] = field(default_factory=lambda: [Provider("CPUExecutionProvider")])
     threads: int = 0  # 0: onnxruntime decides (physical cores)

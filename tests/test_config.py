@@ -131,11 +131,11 @@ def test_an_exported_folder_is_readable_by_other_users(exported):
 
 
 def test_serve_without_a_profile_takes_doctors_pick_and_says_so(tmp_path, monkeypatch):
-    from edge.config import picked_profile
+    from edge.doctor import fitting_profiles, inspect_device
 
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
     monkeypatch.delenv("NOMOAT_CONFIG", raising=False)
-    want = picked_profile()
+    want = (fitting_profiles(inspect_device()) or [None])[0]
     p = settings(pick=True)
     assert p.name == (want or "default") and p.picked == bool(want)
     assert settings(profile="raspberry-pi-4", pick=True).picked is False

@@ -50,6 +50,35 @@ def test_the_matching_profile_fits_best(cpuinfo, memory, android, best):
     assert fitting_profiles(device(cpuinfo, memory, android))[0] == best
 
 
+def test_cores_and_memory_choose_the_profile_and_its_context():
+    """A Cortex-A53 (Zero 2 W, Pi 3) got the Pi 4 profile when memory allowed (under QEMU, or a 1 GB Pi 3 before the
+    Zero 2 W profile); a 2 GB Pi 5 got the Pi 4 profile (no dot-product kernels) because the Pi 5 profile's memory
+    cap disqualified it."""
+    from edge.doctor import fitting_context
+
+    assert fitting_profiles(device(ZERO2, 24000))[0] == "raspberry-pi-zero-2w"
+    assert fitting_profiles(device(ZERO2, 906))[0] == "raspberry-pi-zero-2w"  # a Pi 3
+    pi5_2gb = device(PI5, 1940)
+    assert fitting_profiles(pi5_2gb)[0] == "raspberry-pi-5"
+    problems = check(load_profile("raspberry-pi-5"), pi5_2gb)
+    assert not any(fatal for fatal, _ in problems) and any("context 2048 instead of 4096" in m for _, m in problems)
+    assert fitting_context(load_profile("raspberry-pi-5"), pi5_2gb) == 2048
+    assert fitting_context(load_profile("raspberry-pi-5"), device(PI5, 7940)) == 4096
+    assert fitting_profiles(device(PI4, 1900))[0] == "raspberry-pi-4"
+
+
+def test_the_memory_estimate_is_the_measured_peak_model(exported):
+    """Weights × 1.25 + KV cache + 130 MiB of runtime: fitted to `nomoat serve`'s measured peaks (README, Memory)."""
+    from edge.doctor import kv_cache_mb, model_memory_mb
+
+    folder = exported("fp32-base", precision="fp32")
+    weights = sum(p.stat().st_size for p in folder.glob("model.onnx*")) / 2**20
+    assert abs(model_memory_mb(folder, 256) - (weights * 1.25 + kv_cache_mb(folder, 256) + 130)) < 0.1
+    # SmolLM2-135M at context 2048 (105 MB of weights, 30 layers, 3 kv heads of 64, fp32 KV): ~355 MiB, against
+    # 303-320 MiB measured; a 1.1B Q4_0 LLaMA (709 MB, 22 layers, 4 × 64): ~1148 MiB against 1065-1270
+    assert 340 < 100.2 * 1.25 + 2 * 30 * 3 * 2048 * 64 * 4 / 2**20 + 130 < 370
+
+
 def test_problems_of_a_profile_on_the_wrong_device():
     pi4 = device(PI4, 3792)
     problems = check(load_profile("raspberry-pi-5"), pi4)
