@@ -366,6 +366,46 @@ def ask(prompt, broker, fleet, device, profile, config_file, pool, chat, max_tok
         _fail(e)
 
 
+@main.group()
+def service() -> None:
+    """Run `nomoat serve` as a systemd service."""
+
+
+@service.command("install")
+@click.argument("model", type=click.Path(exists=True, file_okay=False))
+@click.option("--config", "config_file", default="/etc/nomoat/nomoat.toml", show_default=True,
+              help="The config file the service reads (broker, fleet, device, keys).")
+@click.option("-o", "--output", default="/etc/systemd/system/nomoat.service", show_default=True, type=click.Path())
+@click.option("--memory-max", default="2G", show_default=True, help="systemd MemoryMax=.")
+def service_install(model, config_file, output, memory_max):
+    """Write the systemd unit for this venv's nomoat and MODEL (a user of its own, state in /var/lib/nomoat)."""
+    import os
+    import shutil
+
+    from .manifest import read_manifest
+    from .service import render
+
+    folder = Path(model).resolve()
+    try:
+        read_manifest(folder, verify_files=False)
+    except _errors() as e:
+        _fail(e)
+    nomoat = Path(sys.executable).parent / "nomoat"
+    nomoat = str(nomoat) if nomoat.exists() else shutil.which("nomoat") or _fail(FileNotFoundError("no nomoat"))
+    try:
+        unit = render(nomoat, str(folder), config_file, memory_max)
+        Path(output).write_text(unit)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    click.echo(f"wrote {output}")
+    if os.stat(folder).st_mode & 0o005 != 0o005:
+        click.echo(f"warning: {folder} is not readable by other users; the service's user cannot load it "
+                   f"(chmod -R a+rX {folder})", err=True)
+    if not Path(config_file).exists():
+        click.echo(f"next: write {config_file} (broker, fleet, device: README, \"Your configuration\")", err=True)
+    click.echo("then: sudo systemctl daemon-reload && sudo systemctl enable --now nomoat && journalctl -u nomoat -f")
+
+
 @main.command()
 @click.option("-o", "--output", required=True, type=click.Path(), help="Private key file to write (PEM).")
 def keygen(output):

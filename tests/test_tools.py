@@ -71,6 +71,26 @@ def test_soak_loses_no_qos1_prompt_across_a_broker_restart_and_a_daemon_sigterm(
     assert report["qos0"]["duplicated"] == 0 and report["qos0"]["answered_once"] > 0, report
 
 
+def test_service_install_writes_the_unit_and_the_bundled_one_is_the_same(tmp_path, exported):
+    from click.testing import CliRunner
+
+    from edge.cli import main
+    from edge.service import render
+
+    assert (ROOT / "tools" / "systemd" / "nomoat.service").read_text() == \
+        render("/home/pi/venv/bin/nomoat", "/home/pi/models/smollm2-135m")
+    model = exported("fp32-base", precision="fp32")
+    out = tmp_path / "nomoat.service"
+    result = CliRunner().invoke(main, ["service", "install", str(model), "-o", str(out), "--config",
+                                       str(tmp_path / "nomoat.toml")])
+    assert result.exit_code == 0, result.output
+    unit = out.read_text()
+    assert f"serve {model.resolve()} --config {tmp_path / 'nomoat.toml'}" in unit and "DynamicUser=yes" in unit
+    assert "next: write" in result.output
+    result = CliRunner().invoke(main, ["service", "install", str(model), "-o", str(out), "--config", "/a b"])
+    assert result.exit_code == 1 and "no spaces" in result.output
+
+
 def test_systemd_unit_verifies(tmp_path):
     """tools/systemd/nomoat.service as systemd reads it (with this venv's nomoat in ExecStart): no unknown keys,
     no errors."""
