@@ -418,18 +418,30 @@ def keygen(output):
 
 
 @main.group()
-@click.option("--prefix", default="nomoat", show_default=True, envvar="NOMOAT_PREFIX",
-              help="The fleet's topic prefix (the devices' profile [mqtt] prefix).")
+@click.option("--prefix", default=None, envvar="NOMOAT_PREFIX",
+              help="The fleet's topic prefix [default: config file, else nomoat].")
+@click.option("--config", "config_file", default=None, envvar="NOMOAT_CONFIG", type=click.Path(),
+              help="The operator's config file: [mqtt] broker, username, password(_file), ca_file … (as a device's).")
 @click.pass_context
-def fleet(ctx, prefix) -> None:
+def fleet(ctx, prefix, config_file) -> None:
     """Operate a fleet: push, roll back, remove adapters; see device status."""
-    ctx.obj = {"prefix": prefix}
+    ctx.obj = {"prefix": prefix, "config": config_file}
 
 
 def _fleet_settings(broker, fleet_name):
-    from .profile import MqttSettings
+    """The operator's MQTT settings: the config file's [mqtt] (credentials, TLS), then the flags."""
+    from .config import settings
 
-    return MqttSettings(broker=broker, fleet=fleet_name, prefix=click.get_current_context().find_object(dict)["prefix"])
+    opts = click.get_current_context().find_object(dict)
+    try:
+        mqtt = settings(config=opts["config"], broker=broker, fleet=fleet_name).mqtt
+    except _errors() as e:
+        _fail(e)
+    if opts["prefix"]:
+        mqtt.prefix = opts["prefix"]
+    if not mqtt.fleet or mqtt.fleet == "default" and not fleet_name:
+        _fail(ValueError("which fleet? Give --fleet (or [mqtt] fleet in the config file)"))
+    return mqtt
 
 
 def _adapter_topic(settings, name: str) -> str:
@@ -451,8 +463,8 @@ def _adapter_name(ctx, param, value):
 @fleet.command("push")
 @click.argument("adapter_file", type=click.Path(exists=True))
 @click.option("--name", required=True, callback=_adapter_name)
-@click.option("--fleet", "fleet_name", required=True)
-@click.option("--broker", required=True)
+@click.option("--fleet", "fleet_name", default=None, help="Fleet name [default: config file].")
+@click.option("--broker", default=None, help="mqtt://host:port or mqtts://host:port [default: config file].")
 @click.option("--key", required=True, type=click.Path(exists=True))
 @click.option("--version", "version", type=int, default=None, help="Default: the adapter file's own version.")
 @click.option("--activate", is_flag=True, help="Make it the devices' default adapter.")
@@ -485,7 +497,7 @@ def fleet_push(adapter_file, name, fleet_name, broker, key, version, activate, s
     messages.append((base, json.dumps(manifest).encode()))  # manifest last: chunks are there when it lands
     wire = sum(len(topic) + len(payload) for topic, payload in messages)
     summary = (f"pushed {name} v{version}: {manifest['size']} bytes in {len(chunks)} chunks "
-               f"({wire} bytes of topics and payloads) to fleet {fleet_name}")
+               f"({wire} bytes of topics and payloads) to fleet {settings.fleet}")
     if not wait_for:
         publish_all(settings, messages)
         click.echo(summary)
@@ -501,8 +513,8 @@ def fleet_push(adapter_file, name, fleet_name, broker, key, version, activate, s
 
 
 @fleet.command("status")
-@click.option("--fleet", "fleet_name", required=True)
-@click.option("--broker", required=True)
+@click.option("--fleet", "fleet_name", default=None, help="Fleet name [default: config file].")
+@click.option("--broker", default=None, help="mqtt://host:port or mqtts://host:port [default: config file].")
 @click.option("--wait", type=float, default=2.0)
 def fleet_status(fleet_name, broker, wait):
     """Devices of the fleet from their retained status."""
@@ -510,7 +522,7 @@ def fleet_status(fleet_name, broker, wait):
     from .protocol import Topics
 
     settings = _fleet_settings(broker, fleet_name)
-    found = collect_retained(settings, Topics(settings.prefix, fleet_name, "+").status, wait)
+    found = collect_retained(settings, Topics(settings.prefix, settings.fleet, "+").status, wait)
     click.echo(f"{'device':16s} {'state':8s} {'model hash':14s} {'adapters':30s} last push")
     for s in sorted(found.values(), key=lambda s: s.get("device", "")):
         adapters = ",".join(f"{n}@v{v}" for n, v in s.get("installed", {}).items()) or "-"
@@ -524,8 +536,8 @@ def fleet_status(fleet_name, broker, wait):
 @fleet.command("rollback")
 @click.argument("name", callback=_adapter_name)
 @click.option("--to-version", type=int, required=True)
-@click.option("--fleet", "fleet_name", required=True)
-@click.option("--broker", required=True)
+@click.option("--fleet", "fleet_name", default=None, help="Fleet name [default: config file].")
+@click.option("--broker", default=None, help="mqtt://host:port or mqtts://host:port [default: config file].")
 @click.option("--key", required=True, type=click.Path(exists=True))
 def fleet_rollback(name, to_version, fleet_name, broker, key):
     """Signed order: go back to a version the devices still have in their store."""
@@ -534,8 +546,8 @@ def fleet_rollback(name, to_version, fleet_name, broker, key):
 
 @fleet.command("remove")
 @click.argument("name", callback=_adapter_name)
-@click.option("--fleet", "fleet_name", required=True)
-@click.option("--broker", required=True)
+@click.option("--fleet", "fleet_name", default=None, help="Fleet name [default: config file].")
+@click.option("--broker", default=None, help="mqtt://host:port or mqtts://host:port [default: config file].")
 @click.option("--key", required=True, type=click.Path(exists=True))
 def fleet_remove(name, fleet_name, broker, key):
     """Signed order: unload and delete an adapter on every device."""
@@ -549,7 +561,7 @@ def _control(action, name, version, fleet_name, broker, key):
     m = control_manifest(action, name, version, load_key(Path(key)))
     settings = _fleet_settings(broker, fleet_name)
     publish_all(settings, [(_adapter_topic(settings, name), json.dumps(m).encode())])
-    click.echo(f"{action} {name} published to fleet {fleet_name}")
+    click.echo(f"{action} {name} published to fleet {settings.fleet}")
 
 
 if __name__ == "__main__":
