@@ -18,6 +18,17 @@ def test_shell_script_parses(script):
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.parametrize("script", SCRIPTS, ids=[str(s.relative_to(ROOT)) for s in SCRIPTS])
+def test_shellcheck(script):
+    import shutil
+
+    if not shutil.which("shellcheck"):
+        pytest.skip("shellcheck is not installed (.ci/run installs it)")
+    shell = "sh" if "start-nomoat" in script.name else "bash"
+    done = subprocess.run(["shellcheck", "-s", shell, str(script)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout
+
+
 def test_bench_chat_feeds_each_turn_from_the_cache(exported):
     """tools/bench_chat.py: with the prompt cache, a later turn feeds fewer tokens than its whole prompt."""
     import sys

