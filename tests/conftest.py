@@ -177,3 +177,17 @@ def adapter_file(slots, adapters, tmp_path):
     out = tmp_path / "a1.onnx_adapter"
     pack_adapter(adapters[0], slots, out)
     return out
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_user_config(tmp_path_factory):
+    """The tests never read the developer's own nomoat.toml (~/.config/nomoat, NOMOAT_*): the daemons they start
+    get their broker, fleet and device from the test."""
+    user = {f"NOMOAT_{k}" for k in ("CONFIG", "PROFILE", "BROKER", "FLEET", "DEVICE", "PREFIX")} | {"XDG_CONFIG_HOME"}
+    saved = {k: v for k, v in os.environ.items() if k in user}
+    for k in saved:
+        del os.environ[k]
+    os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("xdg-config"))
+    yield
+    os.environ.pop("XDG_CONFIG_HOME")
+    os.environ.update(saved)
