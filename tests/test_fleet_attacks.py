@@ -3,6 +3,7 @@ signing key (TUF's threat model). Real Mosquitto, real daemons, real files."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,6 +21,18 @@ from edge.fleet import control_manifest, load_key, sign
 from edge.profile import MqttSettings
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.skipif(not mosquitto_path(), reason="mosquitto is not installed")]
+
+
+@contextlib.contextmanager
+def device(broker, slots, store, pub):
+    """A device d1 with its adapter store, and a watcher of the fleet's events."""
+    ev = Events(broker)
+    d = start_device(broker, slots, "d1", store, pub)
+    try:
+        yield d, ev
+    finally:
+        d.stop()
+        ev.close()
 
 
 def publish(broker, messages, retain=True):
@@ -84,9 +97,7 @@ def test_a_signed_push_named_dotdot_is_refused_and_writes_nothing_outside_the_st
 
 def test_a_rollback_sticks_against_a_replayed_newer_push(broker, slots, adapter_file, key, tmp_path):
     key_path, pub = key
-    ev = Events(broker)
-    d = start_device(broker, slots, "d1", tmp_path / "store", pub)
-    try:
+    with device(broker, slots, tmp_path / "store", pub) as (d, ev):
         push(broker, adapter_file, key_path, version=1)
         ev.wait("activated", "d1")
         v2 = recorded(*push(broker, adapter_file, key_path, version=2))
@@ -99,16 +110,11 @@ def test_a_rollback_sticks_against_a_replayed_newer_push(broker, slots, adapter_
         # the operator can still go forward: a newer rollback order to a stored version, or a new version
         control(broker, key_path, "rollback", 2)
         assert ev.wait("rolled_back", "d1")["version"] == 2
-    finally:
-        d.stop()
-        ev.close()
 
 
 def test_an_old_control_order_cannot_be_replayed(broker, slots, adapter_file, key, tmp_path):
     key_path, pub = key
-    ev = Events(broker)
-    d = start_device(broker, slots, "d1", tmp_path / "store", pub)
-    try:
+    with device(broker, slots, tmp_path / "store", pub) as (d, ev):
         push(broker, adapter_file, key_path, version=1)
         ev.wait("activated", "d1")
         push(broker, adapter_file, key_path, version=2)
@@ -120,9 +126,6 @@ def test_an_old_control_order_cannot_be_replayed(broker, slots, adapter_file, ke
         publish(broker, order)  # replay "rollback to v1"
         assert "not newer than the last accepted" in ev.wait("rejected", "d1")["reason"]
         assert wait_status(broker, "d1", "online")["installed"] == {"a1": 3}
-    finally:
-        d.stop()
-        ev.close()
 
 
 def test_a_removed_adapter_does_not_come_back_even_after_a_restart(broker, slots, adapter_file, key, tmp_path):
@@ -164,9 +167,7 @@ def test_a_removed_adapter_does_not_come_back_even_after_a_restart(broker, slots
 def test_malformed_signed_manifests_are_rejected_with_a_reason(broker, slots, adapter_file, key, tmp_path, fields,
                                                                topic_name, reason):
     key_path, pub = key
-    ev = Events(broker)
-    d = start_device(broker, slots, "d1", tmp_path / "store", pub)
-    try:
+    with device(broker, slots, tmp_path / "store", pub) as (d, ev):
         name = topic_name or "a1"
         m, msgs = forged(key_path, adapter_file, name, **fields)
         publish(broker, msgs)
@@ -176,16 +177,11 @@ def test_malformed_signed_manifests_are_rejected_with_a_reason(broker, slots, ad
         assert not (tmp_path / "store" / "state.json").is_dir()
         push(broker, adapter_file, key_path, version=2)  # and the device still takes a good push
         ev.wait("activated", "d1")
-    finally:
-        d.stop()
-        ev.close()
 
 
 def test_a_junk_chunk_is_dropped_and_the_real_one_completes_the_push(broker, slots, adapter_file, key, tmp_path):
     key_path, pub = key
-    ev = Events(broker)
-    d = start_device(broker, slots, "d1", tmp_path / "store", pub)
-    try:
+    with device(broker, slots, tmp_path / "store", pub) as (d, ev):
         push(broker, adapter_file, key_path, version=1)
         ev.wait("activated", "d1")
         manifest, chunks = push(broker, adapter_file, key_path, version=2, tamper=b"x" * 1024)
@@ -195,9 +191,6 @@ def test_a_junk_chunk_is_dropped_and_the_real_one_completes_the_push(broker, slo
         assert not [e for e in ev.seen if e["event"] == "rejected"]
         publish(broker, [("nomoat/f/adapters/a1/2/1", chunks[1])])  # the real chunk
         assert ev.wait("activated", "d1")["version"] == 2
-    finally:
-        d.stop()
-        ev.close()
 
 
 def serve(broker, model, device, store, pub, tmp_path):
