@@ -69,10 +69,10 @@ def export_cmd(source, output, loras, lora_slots, lora_targets, precision, block
                via, quant_method, max_length, kv_dtype, verify, min_agreement, force):
     """Export SOURCE (a Hugging Face folder or a llama .gguf) to an int4 ONNX model folder."""
     try:
-        from export.builder import BuildOptions
-        from export.lora import parse_lora_arg
-        from export.pipeline import export_model
-        from export.sources import ExportError
+        from nomoat.export.builder import BuildOptions
+        from nomoat.export.lora import parse_lora_arg
+        from nomoat.export.pipeline import export_model
+        from nomoat.export.sources import ExportError
     except ImportError as e:
         _fail(RuntimeError(f"export needs the host extras: pip install 'nomoat[export]' ({e})"))
     opts = BuildOptions(precision=precision, block_size=block_size, accuracy_level=accuracy_level, lm_head=lm_head,
@@ -101,8 +101,8 @@ def adapter() -> None:
               help="float16 halves the file and the push; the runtime widens it to float32.")
 def adapter_pack(peft_dir, model_dir, output, name, version, dtype):
     """Pack a PEFT adapter into a .onnx_adapter file for MODEL's LoRA slots."""
-    from export.packing import pack_adapter
-    from export.sources import ExportError
+    from nomoat.export.packing import pack_adapter
+    from nomoat.export.sources import ExportError
 
     from .adapters import AdapterError
     from .manifest import ModelError

@@ -40,8 +40,7 @@ def calibration_texts(tokenizer) -> list[str]:
     import textwrap
 
     from jinja2 import TemplateError
-
-    from edge.manifest import ModelError
+    from nomoat.edge.manifest import ModelError
 
     prose = "\n\n".join(inspect.getdoc(m) or "" for m in (argparse, json, textwrap, inspect))
     texts = [prose, inspect.getsource(textwrap)]
@@ -54,7 +53,7 @@ def calibration_texts(tokenizer) -> list[str]:
 
 def calibrate_kv_scales(folder: Path, texts: list[str] | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Per-channel int8 scales [layers, kv_heads, head_dim] for keys and values, and the tokens seen."""
-    from edge.generate import Generator
+    from nomoat.edge.generate import Generator
 
     gen = Generator(folder, verify_files=False)
     layers, (_, heads, _, dim) = gen.manifest.num_layers, gen.manifest.kv_shape

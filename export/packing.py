@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from edge.adapters import check_adapter, write_adapter
-from edge.manifest import read_manifest
+from nomoat.edge.adapters import check_adapter, write_adapter
+from nomoat.edge.manifest import read_manifest
 
 from .lora import load_adapter, slot_tensors
 

@@ -21,8 +21,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import onnx
-
-from edge.manifest import FORMAT_VERSION, KV_DTYPES, MANIFEST, model_hash, sha256_file
+from nomoat.edge.manifest import FORMAT_VERSION, KV_DTYPES, MANIFEST, model_hash, sha256_file
 
 from . import __version__
 from .builder import TARGETS, BuildOptions, LlamaBuilder

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from edge.manifest import sha256_file
+from nomoat.edge.manifest import sha256_file
 
 
 class ExportError(Exception):

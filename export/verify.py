@@ -100,7 +100,7 @@ def greedy_reference(model, ids: list[int], n: int) -> list[int]:
 
 
 def verify_folder(folder: Path, reference, greedy_tokens: int = 12) -> Report:
-    from edge.generate import Generator
+    from nomoat.edge.generate import Generator
 
     gen = Generator(folder, verify_files=False)
     refs, outs = [], []

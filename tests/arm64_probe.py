@@ -2,17 +2,16 @@
 
     python arm64_probe.py INT4_MODEL SLOTS_MODEL ADAPTER_FILE KV16_MODEL GGUF_MODEL KV8_MODEL
 
-Only the installed `edge` package is used (the test runs this file from a folder outside the checkout).
+Only the installed `nomoat` package is used (the test runs this file from a folder outside the checkout).
 """
 import json
 import platform
 import sys
 
 import onnxruntime
-
-from edge.doctor import fitting_profiles, inspect_device
-from edge.generate import Generator
-from edge.profile import Profile
+from nomoat.edge.doctor import fitting_profiles, inspect_device
+from nomoat.edge.generate import Generator
+from nomoat.edge.profile import Profile
 
 PROMPT = "The capital of France is"
 

@@ -73,8 +73,8 @@ def make_adapter(base: Path, folder: Path, seed: int, targets=("q_proj", "v_proj
 
 
 def export(src: Path, out: Path, **kw) -> Path:
-    from export.builder import BuildOptions
-    from export.pipeline import export_model
+    from nomoat.export.builder import BuildOptions
+    from nomoat.export.pipeline import export_model
 
     loras = kw.pop("loras", [])
     verify = kw.pop("verify", False)
@@ -159,7 +159,7 @@ def broker(tmp_path):
 @pytest.fixture
 def key(tmp_path):
     """An operator's signing key: (private key file, public key hex)."""
-    from edge.fleet import generate_key
+    from nomoat.edge.fleet import generate_key
 
     path = tmp_path / "fleet.key"
     return path, generate_key(path)
@@ -172,7 +172,7 @@ def slots(exported):
 
 @pytest.fixture
 def adapter_file(slots, adapters, tmp_path):
-    from export.packing import pack_adapter
+    from nomoat.export.packing import pack_adapter
 
     out = tmp_path / "a1.onnx_adapter"
     pack_adapter(adapters[0], slots, out)

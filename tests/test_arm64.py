@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ROOT, export
-
-from export.packing import pack_adapter
+from nomoat.export.packing import pack_adapter
 
 pytestmark = [pytest.mark.arm64, pytest.mark.slow]
 def _find_tools() -> Path:
@@ -65,7 +64,7 @@ def arm64(tmp_path_factory) -> Path:
     if os.geteuid() != 0:
         cmd = ["sudo", "--preserve-env=ARM64_EXTRA_WHEELS,ARM64_HOST_PYTHON", *cmd]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    # A dependency of `edge` without an aarch64 wheel fails here, in pip download.
+    # A dependency of the device side without an aarch64 wheel fails here, in pip download.
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return root / "env" / "run-arm64.sh"
 
@@ -88,7 +87,7 @@ def models(tiny, adapters, smollm2_gguf, tmp_path_factory) -> list[str]:
 
 
 def probe(cmd: list[str], models: list[str], cwd: Path, env: dict | None = None) -> dict:
-    # Run from a folder outside the checkout so that only the installed `edge` can be imported.
+    # Run from a folder outside the checkout so that only the installed `nomoat` can be imported.
     script = cwd / PROBE.name
     shutil.copy(PROBE, script)
     done = subprocess.run([*cmd, str(script), *models], cwd=cwd, env=env, capture_output=True, text=True,
@@ -99,7 +98,7 @@ def probe(cmd: list[str], models: list[str], cwd: Path, env: dict | None = None)
 
 @pytest.fixture(scope="module")
 def host(models, tmp_path_factory) -> dict:
-    return probe([sys.executable], models, tmp_path_factory.mktemp("host"), dict(os.environ, PYTHONPATH=str(ROOT)))
+    return probe([sys.executable], models, tmp_path_factory.mktemp("host"))
 
 
 @pytest.mark.parametrize("cpu,dotprod,board", [("cortex-a72", False, "raspberry-pi-4"),

@@ -12,9 +12,8 @@ import tomllib
 
 import pytest
 from conftest import ROOT, mosquitto_path
-
-from edge.config import settings, state_dir
-from edge.profile import ProfileError, bundled_profiles
+from nomoat.edge.config import settings, state_dir
+from nomoat.edge.profile import ProfileError, bundled_profiles
 
 
 def test_bundled_profiles_describe_the_board_only():
@@ -73,7 +72,7 @@ def test_state_goes_where_the_user_can_write(monkeypatch, tmp_path):
 
 
 def run_cli(*args, env=None, timeout=60):
-    return subprocess.run([sys.executable, "-m", "edge.cli", *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([sys.executable, "-m", "nomoat", *args], capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT, env={**os.environ, **(env or {})})
 
 
@@ -88,7 +87,7 @@ def test_the_readme_serve_line_with_a_pi_profile_starts_and_keeps_its_state_in_t
     _, pub = key
     env = {"HOME": str(tmp_path / "home"), "XDG_DATA_HOME": str(tmp_path / "data"), "NOMOAT_CONFIG": "",
            "XDG_CONFIG_HOME": str(tmp_path / "cfg")}
-    proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "serve", str(slots), "--broker", broker.url, "--fleet",
+    proc = subprocess.Popen([sys.executable, "-m", "nomoat", "serve", str(slots), "--broker", broker.url, "--fleet",
                              "f", "--device", "pi1", "--profile", "raspberry-pi-5", "--trust", pub],
                             cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -131,7 +130,7 @@ def test_an_exported_folder_is_readable_by_other_users(exported):
 
 
 def test_serve_without_a_profile_takes_doctors_pick_and_says_so(tmp_path, monkeypatch):
-    from edge.doctor import fitting_profiles, inspect_device
+    from nomoat.edge.doctor import fitting_profiles, inspect_device
 
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
     monkeypatch.delenv("NOMOAT_CONFIG", raising=False)

@@ -16,12 +16,11 @@ import uuid
 import paho.mqtt.client as mqtt
 import pytest
 from conftest import mosquitto_path
+from nomoat.edge.daemon import Daemon
+from nomoat.edge.generate import Generator
+from nomoat.edge.profile import Profile
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-
-from edge.daemon import Daemon
-from edge.generate import Generator
-from edge.profile import Profile
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.skipif(not mosquitto_path(), reason="mosquitto is not installed")]
 
@@ -275,7 +274,7 @@ def test_shared_subscription_each_pooled_prompt_answered_once(broker, model):
 
 def serve_process(broker, model, device="d9", env_extra=None):
     env = {**os.environ, **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "edge.cli", "serve", str(model), "--broker", broker.url,
+    return subprocess.Popen([sys.executable, "-m", "nomoat", "serve", str(model), "--broker", broker.url,
                              "--fleet", "f", "--device", device], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
@@ -469,7 +468,7 @@ def test_a_second_daemon_with_the_same_device_name_stops_the_first_with_a_clear_
 
 
 def test_a_spoofed_or_stale_status_does_not_stop_the_daemon_and_its_own_status_comes_back(broker, daemon):
-    from edge.client import publish_all
+    from nomoat.edge.client import publish_all
 
     for started in (time.time() + 100, 1.0):  # a newer instance that never took the session; a crashed old run
         fake = {"state": "online", "device": "d1", "instance": "someoneelse", "started": started}

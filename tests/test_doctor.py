@@ -6,10 +6,9 @@ import json
 
 import pytest
 from click.testing import CliRunner
-
-from edge.cli import main
-from edge.doctor import Device, check, fitting_profiles, inspect_device, parse_cpuinfo, parse_meminfo
-from edge.profile import Profile, load_profile
+from nomoat.edge.cli import main
+from nomoat.edge.doctor import Device, check, fitting_profiles, inspect_device, parse_cpuinfo, parse_meminfo
+from nomoat.edge.profile import Profile, load_profile
 
 
 def arm_cpuinfo(part: str, features: str, cores: int = 4, model: str = "") -> str:
@@ -54,7 +53,7 @@ def test_cores_and_memory_choose_the_profile_and_its_context():
     """A Cortex-A53 (Zero 2 W, Pi 3) got the Pi 4 profile when memory allowed (under QEMU, or a 1 GB Pi 3 before the
     Zero 2 W profile); a 2 GB Pi 5 got the Pi 4 profile (no dot-product kernels) because the Pi 5 profile's memory
     cap disqualified it."""
-    from edge.doctor import fitting_context
+    from nomoat.edge.doctor import fitting_context
 
     assert fitting_profiles(device(ZERO2, 24000))[0] == "raspberry-pi-zero-2w"
     assert fitting_profiles(device(ZERO2, 906))[0] == "raspberry-pi-zero-2w"  # a Pi 3
@@ -69,7 +68,7 @@ def test_cores_and_memory_choose_the_profile_and_its_context():
 
 def test_the_memory_estimate_is_the_measured_peak_model(exported):
     """Weights × 1.25 + KV cache + 130 MiB of runtime: fitted to `nomoat serve`'s measured peaks (README, Memory)."""
-    from edge.doctor import kv_cache_mb, model_memory_mb
+    from nomoat.edge.doctor import kv_cache_mb, model_memory_mb
 
     folder = exported("fp32-base", precision="fp32")
     weights = sum(p.stat().st_size for p in folder.glob("model.onnx*")) / 2**20

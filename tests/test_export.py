@@ -11,13 +11,12 @@ import numpy as np
 import onnx
 import pytest
 from conftest import export, write_json
-
-from edge.adapters import Adapter
-from edge.doctor import model_memory_mb
-from edge.generate import Generator
-from export.lora import load_adapter, slot_tensors
-from export.sources import ExportError
-from export.verify import compare, load_reference, reference_logits, runtime_logits
+from nomoat.edge.adapters import Adapter
+from nomoat.edge.doctor import model_memory_mb
+from nomoat.edge.generate import Generator
+from nomoat.export.lora import load_adapter, slot_tensors
+from nomoat.export.sources import ExportError
+from nomoat.export.verify import compare, load_reference, reference_logits, runtime_logits
 
 IDS = [5, 17, 42, 99, 120, 7, 250, 33, 61, 300, 11, 2]
 
@@ -53,9 +52,8 @@ def test_int4_export_is_close(which, request, exported):
 def test_quant_methods_run_as_their_dequantized_weights(method):
     """The blocks (and zero points) each method writes mean in MatMulNBits what `dequantize` says."""
     import onnxruntime as ort
+    from nomoat.export.quantize import pack_zero_points, quantize_weight
     from onnx import TensorProto, helper, numpy_helper
-
-    from export.quantize import pack_zero_points, quantize_weight
 
     rng = np.random.default_rng(0)
     n, k = 48, 96  # three blocks per row: zero points need padding to whole bytes
@@ -125,7 +123,7 @@ def test_int8_kv_cache_quarters_it_stores_the_calibrated_values_and_stays_close(
 
 
 def test_exact_fidelity_keeps_its_levels_under_any_profile(exported):
-    from edge.profile import Profile
+    from nomoat.edge.profile import Profile
 
     folder = exported("int4-exact", fidelity="exact")
     assert json.loads((folder / "nomoat.json").read_text())["quantization"]["fidelity"] == "exact"
@@ -138,8 +136,7 @@ def test_exact_fidelity_keeps_its_levels_under_any_profile(exported):
 
 def test_cli_min_agreement_is_enforced(tiny, tmp_path):
     from click.testing import CliRunner
-
-    from edge.cli import main
+    from nomoat.edge.cli import main
 
     args = ["export", str(tiny), "-o", str(tmp_path / "m"), "--max-length", "256", "--verify"]
     result = CliRunner().invoke(main, [*args, "--min-agreement", "1.01"])  # no int4 export reaches 101 %
@@ -260,14 +257,14 @@ def test_failed_export_leaves_nothing(tiny, tmp_path):
 
 
 def test_cli_export_reports_error(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "edge.cli", "export", str(tmp_path / "missing"), "-o",
+    r = subprocess.run([sys.executable, "-m", "nomoat", "export", str(tmp_path / "missing"), "-o",
                         str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode == 1 and "error: source not found" in r.stderr
 
 
 def test_cli_export_in_a_fresh_process_converts_the_tokenizer_apart(tiny, tmp_path):
     """Without transformers loaded, the tokenizer is converted in a child process (lower peak memory)."""
-    r = subprocess.run([sys.executable, "-m", "edge.cli", "export", str(tiny), "-o", str(tmp_path / "o"),
+    r = subprocess.run([sys.executable, "-m", "nomoat", "export", str(tiny), "-o", str(tmp_path / "o"),
                         "--no-verify", "--max-length", "64"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert Generator(tmp_path / "o").generate("The capital", max_tokens=4).tokens
@@ -279,10 +276,9 @@ def test_q4_0_gguf_blocks_are_imported_exactly(smollm2_gguf, tmp_path):
     """A small random Q4_0 GGUF (untied Q8_0 output): every block kept as it is, and the int4 graph
     computes what the fp32 graph of the same dequantized weights computes."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    from nomoat.export.builder import BuildOptions
+    from nomoat.export.pipeline import export_model
     from random_llama_gguf import write_random_llama
-
-    from export.builder import BuildOptions
-    from export.pipeline import export_model
 
     gguf = tmp_path / "r.gguf"
     write_random_llama(str(gguf), str(smollm2_gguf), hidden=128, ffn=256, layers=2, heads=4, kv_heads=2)
@@ -310,8 +306,8 @@ def test_q4_0_gguf_blocks_are_imported_exactly(smollm2_gguf, tmp_path):
 @pytest.mark.slow
 def test_smollm2_gguf_says_paris(smollm2_gguf, tmp_path):
     """The real model, imported from its GGUF blocks, verified against transformers."""
-    from export.builder import BuildOptions
-    from export.pipeline import export_model
+    from nomoat.export.builder import BuildOptions
+    from nomoat.export.pipeline import export_model
 
     lines = []
     out = export_model(smollm2_gguf, tmp_path / "smol", BuildOptions(max_length=1024), verify=True,
@@ -327,10 +323,9 @@ def test_smollm2_gguf_says_paris(smollm2_gguf, tmp_path):
     assert answer.text.startswith("The capital of France is Paris"), answer.text
 
     # `nomoat doctor`: it fits a Raspberry Pi Zero 2 W at its profile's context, not a 100 MiB budget.
+    from nomoat.edge.doctor import check
+    from nomoat.edge.profile import Profile, load_profile
     from test_doctor import ZERO2, device
-
-    from edge.doctor import check
-    from edge.profile import Profile, load_profile
 
     zero = device(ZERO2, 427)
     assert not [msg for _, msg in check(load_profile("raspberry-pi-zero-2w"), zero, out) if "MiB" in msg]

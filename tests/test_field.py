@@ -123,7 +123,7 @@ def test_a_pi_owners_first_hour_as_an_unprivileged_user(field, slots, adapter_fi
         f'username = "pi1"\npassword_file = "{config}/password"\nca_file = "{certs}/ca.crt"\n')
     subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", str(home)], check=True)
     (config / "password").chmod(0o600)
-    nomoat = [sys.executable, "-m", "edge.cli"]
+    nomoat = [sys.executable, "-m", "nomoat"]
     daemon = None
     try:
         doctor = as_nobody(*nomoat, "doctor", "--model", str(home / "models" / "m"), home=home,

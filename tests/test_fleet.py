@@ -9,14 +9,13 @@ import time
 import paho.mqtt.client as mqtt
 import pytest
 from conftest import mosquitto_path
+from nomoat.edge.client import publish_all
+from nomoat.edge.daemon import Daemon
+from nomoat.edge.fleet import build_push, control_manifest, generate_key, load_key
+from nomoat.edge.generate import Generator
+from nomoat.edge.profile import MqttSettings
+from nomoat.edge.updater import AdapterUpdater
 from test_daemon import Broker, Client, profile, wait_status
-
-from edge.client import publish_all
-from edge.daemon import Daemon
-from edge.fleet import build_push, control_manifest, generate_key, load_key
-from edge.generate import Generator
-from edge.profile import MqttSettings
-from edge.updater import AdapterUpdater
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.skipif(not mosquitto_path(), reason="mosquitto is not installed")]
 
@@ -140,7 +139,7 @@ def test_bad_pushes_rejected_previous_adapter_stays(broker, slots, adapter_file,
         elif case == "lower_version":
             kw = {"version": 1}
         elif case == "other_base":
-            from edge.fleet import sign
+            from nomoat.edge.fleet import sign
 
             kw = {"version": 3, "manifest_edit": lambda m: sign({**m, "base_model_hash": "0" * 64},
                                                                  load_key(key_path))}
@@ -220,8 +219,7 @@ def test_rollback_and_remove(broker, slots, adapter_file, key, tmp_path):
 
 def test_cli_push_waits_for_the_fleet(broker, slots, adapter_file, key, tmp_path):
     from click.testing import CliRunner
-
-    from edge.cli import main
+    from nomoat.edge.cli import main
 
     key_path, pub = key
     devices = [start_device(broker, slots, n, tmp_path / n, pub) for n in ("d1", "d2")]
@@ -242,8 +240,7 @@ def test_cli_push_waits_for_the_fleet(broker, slots, adapter_file, key, tmp_path
 
 def test_cli_fleet_commands_use_the_fleets_topic_prefix(broker, slots, adapter_file, key, tmp_path):
     from click.testing import CliRunner
-
-    from edge.cli import main
+    from nomoat.edge.cli import main
 
     key_path, pub = key
     p = profile(broker, device="d1")

@@ -13,12 +13,11 @@ import time
 
 import pytest
 from conftest import mosquitto_path
+from nomoat.edge.client import publish_all
+from nomoat.edge.fleet import control_manifest, load_key, sign
+from nomoat.edge.profile import MqttSettings
 from test_daemon import Broker, wait_status
 from test_fleet import Events, ask, push, start_device
-
-from edge.client import publish_all
-from edge.fleet import control_manifest, load_key, sign
-from edge.profile import MqttSettings
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.skipif(not mosquitto_path(), reason="mosquitto is not installed")]
 
@@ -86,8 +85,7 @@ def test_a_signed_push_named_dotdot_is_refused_and_writes_nothing_outside_the_st
         ev.close()
     # the operator's command line refuses it before anything is signed
     from click.testing import CliRunner
-
-    from edge.cli import main
+    from nomoat.edge.cli import main
 
     for bad in ("..", "State.json", "a/b", "x" * 65):
         result = CliRunner().invoke(main, ["fleet", "push", str(adapter_file), "--name", bad, "--fleet", "f",
@@ -195,7 +193,7 @@ def test_a_junk_chunk_is_dropped_and_the_real_one_completes_the_push(broker, slo
 
 def serve(broker, model, device, store, pub, tmp_path):
     log = open(tmp_path / f"serve-{device}.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "serve", str(model), "--broker", broker.url,
+    proc = subprocess.Popen([sys.executable, "-m", "nomoat", "serve", str(model), "--broker", broker.url,
                              "--fleet", "f", "--device", device, "--trust", pub, "--adapter-store", str(store)],
                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     wait_status(broker, device, "online", timeout=60)
@@ -221,8 +219,7 @@ def test_unsigned_junk_neither_fills_memory_nor_blocks_a_real_push(broker, slots
         grown = rss_mib(proc.pid) - before
         assert grown < 16, f"RSS grew {grown:.1f} MiB with 48 MiB of unsigned chunks"
         from click.testing import CliRunner
-
-        from edge.cli import main
+        from nomoat.edge.cli import main
 
         result = CliRunner().invoke(main, ["fleet", "push", str(adapter_file), "--name", "mood", "--fleet", "f",
                                            "--broker", broker.url, "--key", str(key_path), "--activate",

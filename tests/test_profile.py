@@ -6,9 +6,8 @@ import logging
 from pathlib import Path
 
 import pytest
-
-from edge.model import choose_providers
-from edge.profile import ProfileError, load_profile
+from nomoat.edge.model import choose_providers
+from nomoat.edge.profile import ProfileError, load_profile
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "firmware-configs").glob("*.toml"))
 

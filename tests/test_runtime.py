@@ -9,12 +9,11 @@ import sys
 
 import numpy as np
 import pytest
-
-from edge.adapters import AdapterError
-from edge.generate import GenerationError, Generator
-from edge.manifest import ModelError
-from edge.sampling import SamplingParams
-from export.packing import pack_adapter
+from nomoat.edge.adapters import AdapterError
+from nomoat.edge.generate import GenerationError, Generator
+from nomoat.edge.manifest import ModelError
+from nomoat.edge.sampling import SamplingParams
+from nomoat.export.packing import pack_adapter
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +48,7 @@ def test_kv_cache_equals_full_recompute(int4):
 
 
 def test_chunked_prefill_equals_one_pass(int4):
-    from edge.profile import Profile
+    from nomoat.edge.profile import Profile
 
     ids = list(range(10, 60))
     whole = Generator(int4, Profile(prefill_chunk=0)).prefill(ids).copy()
@@ -60,7 +59,7 @@ def test_chunked_prefill_equals_one_pass(int4):
 
 
 def test_prepacked_cache_gives_the_same_tokens(int4, tmp_path):
-    from edge.profile import Profile
+    from nomoat.edge.profile import Profile
 
     base = Generator(int4).generate("The capital", max_tokens=16).tokens
     for _ in range(2):  # the first load writes the cache, the second maps it
@@ -85,9 +84,9 @@ def test_prepacked_cache_gives_the_same_tokens(int4, tmp_path):
 def test_token_embedding_reads_the_rows_as_the_table_dequantizes(kind, tmp_path):
     """The runtime's lookup (pread from the weights file) gives exactly the dequantized table's rows, in
     every layout the exporter writes; a bad id or a short file is a clear error."""
-    from edge.embedding import TokenEmbedding
-    from export.builder import Graph
-    from export.quantize import quantize_weight
+    from nomoat.edge.embedding import TokenEmbedding
+    from nomoat.export.builder import Graph
+    from nomoat.export.quantize import quantize_weight
 
     rng = np.random.default_rng(0)
     table = rng.standard_normal((300, 64)).astype(np.float32)
@@ -140,8 +139,7 @@ def test_the_lm_head_in_row_chunks_gives_the_same_logits(tied, tiny, tiny_tied, 
     does; the chunks are views of one stored table, consecutive in the file."""
     import onnx
     from conftest import export as export_folder
-
-    from export import builder
+    from nomoat.export import builder
 
     src = tiny_tied if tied else tiny
     whole = export_folder(src, tmp_path / "whole", max_length=64)
@@ -194,7 +192,7 @@ def test_releasing_load_pages_never_drops_written_pages(tmp_path):
     back in), and leaves alone a mapping with a copy-on-write page, whose write would be lost."""
     import mmap
 
-    from edge.model import release_load_pages
+    from nomoat.edge.model import release_load_pages
 
     clean, written = tmp_path / "clean.onnx.data", tmp_path / "written.onnx.data"
     for f in (clean, written):
@@ -214,7 +212,7 @@ def test_releasing_load_pages_never_drops_written_pages(tmp_path):
 
 
 def test_another_accuracy_level_writes_nothing_beside_the_model(int4):
-    from edge.profile import Profile
+    from nomoat.edge.profile import Profile
 
     before = sorted(f.name for f in int4.iterdir())
     gen = Generator(int4, Profile(accuracy_level=1))  # the graph is changed in memory, not copied
@@ -227,7 +225,7 @@ def test_another_accuracy_level_writes_nothing_beside_the_model(int4):
 
 def test_prefill_session_for_long_prompts(exported, tmp_path):
     """profile.prefill_accuracy_level: long prompts through a level-1 session writing the same KV cache."""
-    from edge.profile import Profile
+    from nomoat.edge.profile import Profile
 
     folder = exported("int4-head4", lm_head="int4")  # every layer 4-bit: its prefill session is all level 1
     short, long = list(range(10, 20)), list(range(10, 60))
@@ -254,7 +252,7 @@ def test_prefill_session_for_long_prompts(exported, tmp_path):
 
 
 def test_prefill_session_applies_adapters(exported, adapters, tmp_path):
-    from edge.profile import Profile
+    from nomoat.edge.profile import Profile
 
     folder = exported("int4-slots", lora_rank=8, lm_head="int4")
     pack_adapter(adapters[0], folder, tmp_path / "a1.onnx_adapter")
@@ -299,7 +297,7 @@ def test_stream_deltas_join_to_text_and_stop_strings_cut(int4):
 def test_streaming_multibyte_characters(int4):
     gen = Generator(int4)
     # feed byte-level tokens of multi-byte characters one by one through the decoder
-    from edge.text import TextDecoder
+    from nomoat.edge.text import TextDecoder
 
     ids = gen.tokenizer.encode("東京 😀 naïve")
     dec = TextDecoder(gen.tokenizer)
@@ -311,7 +309,7 @@ def test_streaming_multibyte_characters(int4):
 def test_a_character_cut_by_max_tokens_is_left_out_not_replaced(int4):
     """max_tokens can end generation inside a multi-byte character: the final text ends before it (as llama.cpp's
     server does), never in U+FFFD."""
-    from edge.text import TextDecoder
+    from nomoat.edge.text import TextDecoder
 
     gen = Generator(int4)
     ids = gen.tokenizer.encode("東京😀")
@@ -326,7 +324,7 @@ def test_a_character_cut_by_max_tokens_is_left_out_not_replaced(int4):
 def test_incremental_decoding_equals_one_decode_of_a_long_text(int4):
     """Deltas come from decoding a few tokens back, not the whole text each time: over a long mixed text they
     still join to exactly one decode of all the ids, and a stop string far in is cut exactly."""
-    from edge.text import TextDecoder
+    from nomoat.edge.text import TextDecoder
 
     gen = Generator(int4)
     text = "".join(f"Line {i}: naïve café, 東京 {i * 7} 😀 — ok.\n" for i in range(60))
@@ -358,7 +356,7 @@ def test_timings_reported(int4):
 def test_prompt_cache_feeds_only_what_the_cache_lacks(int4):
     """A follow-up prompt (a chat's next turn) is fed from the first token the cache does not hold: the tokens
     and (within 1e-4 on this tiny model) the logits of a fresh prefill; the same prompt again, bit for bit."""
-    from edge.profile import Profile
+    from nomoat.edge.profile import Profile
 
     gen, fresh = Generator(int4), Generator(int4, Profile(prompt_cache=False))
     first_ids = gen.encode("The capital of France is")
@@ -407,7 +405,7 @@ def test_adapter_changes_output_and_off_restores_base(slots, packed):
     assert on.tokens != base.tokens
     assert off.tokens == base.tokens
     ids = gen.tokenizer.encode("The capital of")
-    from export.verify import runtime_logits
+    from nomoat.export.verify import runtime_logits
 
     np.testing.assert_array_equal(runtime_logits(gen, ids), runtime_logits(Generator(slots), ids))
 
@@ -424,7 +422,7 @@ def test_adapters_with_an_int8_kv_cache(exported, adapters, tmp_path):
 
 
 def test_two_stacked_adapters_equal_merged_export(slots, packed, adapters, exported):
-    from export.verify import runtime_logits
+    from nomoat.export.verify import runtime_logits
 
     merged = exported("merged-both", precision="fp32", loras=[(adapters[0], 1.0), (adapters[1], 0.5)])
     gen = Generator(slots)
@@ -477,7 +475,7 @@ def test_bad_inputs(tmp_path, int4, slots, packed, exported, tiny_tied):
     with pytest.raises(ModelError, match="model.onnx.data is corrupt"):
         Generator(corrupt)
     # a verified file is not hashed again while its size and mtime stay; a changed one is
-    import edge.manifest as manifest_module
+    import nomoat.edge.manifest as manifest_module
 
     checked = tmp_path / "checked"
     shutil.copytree(int4, checked)
@@ -528,12 +526,12 @@ def test_pack_rejects_rank_above_slots(tiny, slots, tmp_path):
 
 
 def test_cli_run_streams(int4):
-    r = subprocess.run([sys.executable, "-m", "edge.cli", "run", str(int4), "The capital", "--max-tokens", "5",
+    r = subprocess.run([sys.executable, "-m", "nomoat", "run", str(int4), "The capital", "--max-tokens", "5",
                         "--timings"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stderr.strip().splitlines()[-1])["usage"]["completion_tokens"] <= 5
     assert r.stdout.strip()
-    r = subprocess.run([sys.executable, "-m", "edge.cli", "run", str(int4), "The capital", "--min-p", "1.5",
+    r = subprocess.run([sys.executable, "-m", "nomoat", "run", str(int4), "The capital", "--min-p", "1.5",
                         "--repeat-penalty", "1.1"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "min_p must be within [0, 1)" in r.stderr
 
@@ -542,7 +540,7 @@ def test_cli_chat_keeps_answering_when_the_history_outgrows_the_context(int4, tm
     """Older turns make way (the system message stays), with a notice; the prompt cache feeds the new ones."""
     (tmp_path / "small.toml").write_text("context_length = 96\n")
     lines = "".join(f"Tell me about the number {i} and its neighbours.\n" for i in range(6))
-    r = subprocess.run([sys.executable, "-m", "edge.cli", "chat", str(int4), "--max-tokens", "12", "--temperature", "0",
+    r = subprocess.run([sys.executable, "-m", "nomoat", "chat", str(int4), "--max-tokens", "12", "--temperature", "0",
                         "--system", "Be brief.", "--profile", str(tmp_path / "small.toml")],
                        input=lines, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -551,16 +549,15 @@ def test_cli_chat_keeps_answering_when_the_history_outgrows_the_context(int4, tm
 
 
 def test_edge_does_not_import_torch(int4):
-    code = ("import sys; from edge.generate import Generator; Generator(sys.argv[1]).generate('hi', max_tokens=2); "
-            "import edge.cli, edge.bench; bad = [m for m in ('torch', 'transformers', 'optimum', 'onnx') "
+    code = ("import sys; from nomoat.edge.generate import Generator; Generator(sys.argv[1]).generate('hi', max_tokens=2); "
+            "import nomoat.edge.cli, nomoat.edge.bench; bad = [m for m in ('torch', 'transformers', 'optimum', 'onnx') "
             "if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code, str(int4)], check=True, timeout=120)
 
 
 def test_cli_bench_reports_every_figure(int4):
     from click.testing import CliRunner
-
-    from edge.cli import main
+    from nomoat.edge.cli import main
 
     result = CliRunner().invoke(main, ["bench", str(int4), "--runs", "1", "--long-context", "64", "--json"])
     assert result.exit_code == 0, result.output

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from edge.sampling import SamplingParams, distribution, sample
+from nomoat.edge.sampling import SamplingParams, distribution, sample
 
 VOCAB = 49152  # SmolLM2's: large enough for the blockwise draw
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -20,8 +21,6 @@ def test_shell_script_parses(script):
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=[str(s.relative_to(ROOT)) for s in SCRIPTS])
 def test_shellcheck(script):
-    import shutil
-
     if not shutil.which("shellcheck"):
         pytest.skip("shellcheck is not installed (.ci/run installs it)")
     shell = "sh" if "start-nomoat" in script.name else "bash"
@@ -84,9 +83,8 @@ def test_soak_loses_no_qos1_prompt_across_a_broker_restart_and_a_daemon_sigterm(
 
 def test_service_install_writes_the_unit_and_the_bundled_one_is_the_same(tmp_path, exported):
     from click.testing import CliRunner
-
-    from edge.cli import main
-    from edge.service import render
+    from nomoat.edge.cli import main
+    from nomoat.edge.service import render
 
     assert (ROOT / "tools" / "systemd" / "nomoat.service").read_text() == \
         render("/home/pi/venv/bin/nomoat", "/home/pi/models/smollm2-135m")
@@ -172,3 +170,32 @@ def test_termux_install_script_reruns_and_fails_loudly(tmp_path, exported):
     assert again.returncode == 0 and "proot-distro install debian" not in log.read_text(), again.stderr
     failed = install(FAIL_PIP="1")
     assert failed.returncode != 0 and "installed. Next" not in failed.stdout and "no matching distribution" in failed.stderr
+
+
+def test_the_wheel_installs_one_nomoat_package_and_python_m_nomoat_runs(tmp_path):
+    """edge/ and export/ install as nomoat.edge and nomoat.export: the wheel claims no top-level `edge` or
+    `export` (names other distributions use), and `python -m nomoat` is the command line."""
+    import sys
+    import zipfile
+
+    src = tmp_path / "src"  # a copy, so that no build/ left in the checkout can leak old files into the wheel
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".cache", ".git", "models", "build", "dist",
+                                                             "*.egg-info", "__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "dist"), str(src)], check=True, capture_output=True)
+    wheel = next((tmp_path / "dist").glob("nomoat-*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        z.extractall(tmp_path / "site")
+    assert {n.split("/")[0] for n in names} == {"nomoat", wheel.name.split("-py3")[0] + ".dist-info"}
+    assert "nomoat/edge/firmware_configs/raspberry-pi-5.toml" in names and "nomoat/__main__.py" in names
+    assert "nomoat = nomoat.edge.cli:main" in (tmp_path / "site" / next(
+        n for n in names if n.endswith("entry_points.txt"))).read_text()
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
+    out = subprocess.run([sys.executable, "-m", "nomoat", "doctor", "--profile", "raspberry-pi-5"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode in (0, 1) and "profile      raspberry-pi-5" in out.stdout, out.stdout + out.stderr
+    where = subprocess.run([sys.executable, "-c", "import nomoat.edge.cli as c; print(c.__file__); import edge"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert where.stdout.startswith(str(tmp_path / "site")), where.stdout
+    assert "No module named 'edge'" in where.stderr

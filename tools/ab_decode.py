@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from edge.bench import decode_speed, experiment_profile
-from edge.generate import Generator
+from nomoat.edge.bench import decode_speed, experiment_profile
+from nomoat.edge.generate import Generator
 
 
 def main() -> None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 
-from edge.generate import Generator
-from edge.profile import load_profile
+from nomoat.edge.generate import Generator
+from nomoat.edge.profile import load_profile
 
 QUESTIONS = [
     "Explain in a few sentences how a refrigerator keeps food cold.",

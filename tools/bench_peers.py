@@ -135,8 +135,8 @@ np.save(out, np.stack(rows)); print("{}")
 
 NOMOAT = r"""
 import json, sys
-from edge.bench import bench_model
-from edge.profile import load_profile
+from nomoat.edge.bench import bench_model
+from nomoat.edge.profile import load_profile
 p = load_profile(sys.argv[5] or None); p.threads = int(sys.argv[2]); p.context_length = int(sys.argv[6])
 r = bench_model(sys.argv[1], p, runs=int(sys.argv[3]), long_context=int(sys.argv[4]))
 r["decode_long_tok_s"] = r.pop(next(k for k in r if k.startswith("decode_at_")))
@@ -166,11 +166,10 @@ def fidelity(a, engines: dict[str, tuple[str, str, str]]) -> dict[str, str]:
     import tempfile
 
     import numpy as np
-
-    from edge.generate import Generator
-    from edge.manifest import read_manifest
-    from edge.text import Tokenizer
-    from export.verify import PASSAGES, compare, load_reference, reference_logits, runtime_logits
+    from nomoat.edge.generate import Generator
+    from nomoat.edge.manifest import read_manifest
+    from nomoat.edge.text import Tokenizer
+    from nomoat.export.verify import PASSAGES, compare, load_reference, reference_logits, runtime_logits
 
     first = read_manifest(a.model[0], verify_files=False)
     tokenizer = Tokenizer(first.folder, first)  # the ids only: no session
@@ -275,7 +274,7 @@ def main() -> None:
     if a.json:
         print(json.dumps(results, indent=1))
         return
-    from edge.bench import describe_verification
+    from nomoat.edge.bench import describe_verification
 
     print(f"threads={a.threads} runs={a.runs} rounds={a.rounds} long context={a.long_context} of {a.context} "
           "(medians; ratios: median over rounds (range))")

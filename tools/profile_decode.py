@@ -19,9 +19,9 @@ import re
 import tempfile
 from pathlib import Path
 
-import edge.model
-from edge.bench import decode_speed, experiment_profile
-from edge.generate import Generator
+import nomoat.edge.model
+from nomoat.edge.bench import decode_speed, experiment_profile
+from nomoat.edge.generate import Generator
 
 
 def kernel_times(trace: Path, steps: int) -> tuple[collections.Counter, collections.Counter]:
@@ -63,7 +63,7 @@ def main() -> None:
     wall = decode(plain, prompt, a.tokens)
     del plain
 
-    plain_options = edge.model._session_options
+    plain_options = nomoat.edge.model._session_options
     with tempfile.TemporaryDirectory(prefix="nomoat-profile-") as trace_dir:
 
         def profiled_options(*args, **kwargs):  # the runtime's own session options, with the profiler on
@@ -71,11 +71,11 @@ def main() -> None:
             so.enable_profiling, so.profile_file_prefix = True, f"{trace_dir}/decode"
             return so
 
-        edge.model._session_options = profiled_options
+        nomoat.edge.model._session_options = profiled_options
         try:
             gen = Generator(a.folder, profile, verify_files=False)
         finally:
-            edge.model._session_options = plain_options
+            nomoat.edge.model._session_options = plain_options
         traced = decode(gen, prompt, a.tokens)
         micros, nodes = kernel_times(Path(gen.model.session.end_profiling()), a.tokens)
 

@@ -76,7 +76,7 @@ def main() -> None:
     serve_log = open(work / "serve.log", "a")  # noqa: SIM115
 
     def start_daemon() -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "edge.cli", "serve", args.model, "--broker",
+        return subprocess.Popen([sys.executable, "-m", "nomoat", "serve", args.model, "--broker",
                                  f"mqtt://127.0.0.1:{port}", "--fleet", "soak", "--device", "s1"],
                                 stdout=serve_log, stderr=subprocess.STDOUT, cwd=ROOT)
 

@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./tools/setup.sh
-.venv/bin/ruff check edge export tests tools
+.venv/bin/ruff check nomoat edge export tests tools
 exec .venv/bin/python -m pytest -q "$@"
