@@ -250,15 +250,19 @@ def bench(model, runs, threads, profile, long_context, as_json):
 
 @main.command()
 @click.option("--profile", default=None, help="Check this profile (default: the bundled one that fits best).")
-@click.option("--model", type=click.Path(), default=None, help="Also check that this model fits the profile's memory.")
+@click.option("--model", type=click.Path(), default=None,
+              help="Also check that this model fits the profile's memory, and measure its fidelity here.")
+@click.option("--fidelity/--no-fidelity", default=True, show_default=True,
+              help="With --model: run the export's reference passages here with the profile and report the top-1 "
+                   "agreement this CPU's kernels keep.")
 @click.option("--json", "as_json", is_flag=True)
-def doctor(profile, model, as_json):
+def doctor(profile, model, fidelity, as_json):
     """What this device has (CPU features, cores, memory, onnxruntime), which profile fits, what is missing."""
     from .doctor import format_report, inspect_device, report
     from .profile import load_profile
 
     try:
-        r = report(inspect_device(), load_profile(profile) if profile else None, model)
+        r = report(inspect_device(), load_profile(profile) if profile else None, model, fidelity)
     except _errors() as e:
         _fail(e)
     click.echo(json.dumps(r, indent=1) if as_json else format_report(r))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -178,13 +178,46 @@ def fitting_profiles(device: Device) -> list[str]:
     return [f[-1] for f in sorted(fits)]
 
 
-def report(device: Device, profile: Profile | None = None, model: str | Path | None = None) -> dict:
+def measure_fidelity(model: str | Path, profile: Profile, device: Device) -> dict | None:
+    """The model's top-1 agreement with its export's fp32 reference, run here with `profile` (edge/fidelity.py),
+    next to the figure the export measured on its own machine; None when the export kept no reference."""
+    from .fidelity import measure
+    from .generate import Generator
+
+    here = measure(Generator(model, replace(profile, context_length=fitting_context(profile, device)),
+                             verify_files=False))
+    if here is None:
+        return None
+    at_export = read_manifest(model, verify_files=False).data["verification"]
+    return {**here, "at_export": {k: at_export.get(k) for k in ("top1_agreement", "measured_on", "accuracy_level")}}
+
+
+def report(device: Device, profile: Profile | None = None, model: str | Path | None = None,
+           fidelity: bool = False) -> dict:
     fits = fitting_profiles(device)
     chosen = profile or (load_profile(fits[0]) if fits else Profile())
-    return {"device": asdict(device), "fitting_profiles": fits, "profile": chosen.name,
-            "problems": [{"fatal": fatal, "message": msg} for fatal, msg in check(chosen, device, model)],
-            "context_length": fitting_context(chosen, device),
-            "model_memory_mb": model_memory_mb(model, fitting_context(chosen, device)) if model else None}
+    problems = check(chosen, device, model)
+    r = {"device": asdict(device), "fitting_profiles": fits, "profile": chosen.name,
+         "problems": [{"fatal": fatal, "message": msg} for fatal, msg in problems],
+         "context_length": fitting_context(chosen, device),
+         "model_memory_mb": model_memory_mb(model, fitting_context(chosen, device)) if model else None}
+    if model and fidelity and not any(fatal for fatal, _ in problems):  # a profile that cannot run here: no run
+        r["fidelity"] = measure_fidelity(model, chosen, device)
+    return r
+
+
+def format_fidelity(f: dict | None) -> str:
+    if f is None:
+        return "not measured: the export kept no reference (export with --verify, which needs torch)"
+    line = (f"{f['top1_agreement']:.1%} top-1 agreement with the fp32 reference, measured here "
+            f"({f['tokens']} teacher-forced tokens, accuracy level {f['accuracy_level']})")
+    e = f["at_export"]
+    if e.get("top1_agreement") is not None:
+        line += f"; {e['top1_agreement']:.1%} at export ({e.get('measured_on') or '?'}, level {e.get('accuracy_level', '?')})"
+    if f["accuracy_level"] == 4 and f["top1_agreement"] < 0.97:
+        line += ("\n             accuracy_level = 1 in a profile of your own follows the reference more closely "
+                 "(fp32 compute, slower: `nomoat bench --profile FILE` measures by how much)")
+    return line
 
 
 def format_report(r: dict) -> str:
@@ -205,4 +238,6 @@ def format_report(r: dict) -> str:
     lines.append(f"profile      {r['profile']} (context {r['context_length']}): "
                  + ("OK" if not r["problems"] else f"{len(r['problems'])} problem(s)"))
     lines += [f"  {'ERROR' if p['fatal'] else 'warning'}: {p['message']}" for p in r["problems"]]
+    if "fidelity" in r:
+        lines.append(f"fidelity     {format_fidelity(r['fidelity'])}")
     return "\n".join(lines)

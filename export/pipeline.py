@@ -90,7 +90,9 @@ def export_model(source: str | Path, out: str | Path, opts: BuildOptions, loras:
             manifest = json.loads((tmp / MANIFEST).read_text())
             manifest["verification"] = {"top1_agreement": round(report.top1_agreement, 4),
                                         "mean_kl": round(report.mean_kl, 5), "max_abs_diff": float(report.max_abs_diff),
-                                        "greedy_match": report.greedy_match, "tokens": report.tokens}
+                                        "greedy_match": report.greedy_match, "tokens": report.tokens,
+                                        "measured_on": report.measured_on, "accuracy_level": report.accuracy_level,
+                                        "reference": report.reference}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if out.exists():
             shutil.rmtree(out)

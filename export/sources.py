@@ -2,8 +2,9 @@
 
 Every tensor is returned under its Hugging Face name, in Hugging Face layout, one at a time,
 so that peak memory stays near one layer above the output. GGUF tensors that are already
-quantized in a block format that MatMulNBits can run exactly (Q4_0, Q4_1, Q8_0) come back
-as `QuantBlocks` without being re-quantized; every other GGUF type is dequantized to fp32.
+quantized in a block format that MatMulNBits can run exactly (Q4_0/1, Q5_0/1, Q8_0, the k-quants Q2_K-Q6_K,
+IQ4_NL, IQ4_XS: export/gguf_blocks.py) come back as `QuantBlocks` without being re-quantized; every other
+GGUF type (the 1-3 bit IQ codebooks, TQ, MXFP4 …) is dequantized to fp32 and re-quantized.
 """
 
 from __future__ import annotations
@@ -297,13 +298,15 @@ class GGUFCheckpoint(Checkpoint):
     def tensor(self, name: str) -> np.ndarray | QuantBlocks:
         import gguf
 
+        from .gguf_blocks import EXACT_TYPES, gguf_blocks
+
         t = self.tensors.get(_gguf_name(name))
         if t is None:
             raise ExportError(f"tensor {name} missing from {self.path.name}")
         kind = t.tensor_type.name
         n_rows = int(t.shape[-1]) if len(t.shape) > 1 else 1
-        if kind in ("Q4_0", "Q4_1", "Q8_0"):
-            out = _gguf_blocks(kind, np.asarray(t.data).reshape(n_rows, -1))
+        if kind in EXACT_TYPES:
+            out = gguf_blocks(kind, np.asarray(t.data).reshape(n_rows, -1))
         else:
             out = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
             out = out.reshape(-1) if len(t.shape) == 1 else out.reshape(n_rows, -1)
@@ -319,24 +322,3 @@ class GGUFCheckpoint(Checkpoint):
 
         tok = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
         _save_fast_tokenizer(tok, out)
-
-
-def _gguf_blocks(kind: str, raw: np.ndarray) -> QuantBlocks:
-    """GGUF block rows (uint8 [N, bytes]) to MatMulNBits layout, bit for bit."""
-    n = raw.shape[0]
-    if kind == "Q8_0":  # d:f16, q:int8[32]; w = d*q
-        blocks = raw.reshape(n, -1, 34)
-        d = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
-        q = blocks[..., 2:].view(np.int8).astype(np.int16) + 128  # MatMulNBits 8-bit: zero point 128
-        return QuantBlocks(8, 32, np.ascontiguousarray(q.astype(np.uint8)), d, kind="gguf:Q8_0")
-    size = 18 if kind == "Q4_0" else 20
-    blocks = raw.reshape(n, -1, size)
-    d = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
-    qs = blocks[..., size - 16:]
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # GGUF: low nibbles are 0..15, high 16..31
-    packed = np.ascontiguousarray(pack_nibbles(q))
-    if kind == "Q4_0":  # w = d*(q-8): symmetric MatMulNBits exactly
-        return QuantBlocks(4, 32, packed, d, kind="gguf:Q4_0")
-    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-    # w = d*q + m = d*(q-8) + (m + 8d): symmetric MatMulNBits plus a per-block offset
-    return QuantBlocks(4, 32, packed, d, mins=m + 8 * d, kind="gguf:Q4_1")

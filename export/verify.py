@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from nomoat.edge.fidelity import teacher_forced_logits
 
 from .sources import ExportError
 
@@ -35,6 +36,11 @@ class Report:
     greedy_reference: str
     greedy_export: str
     tokens: int
+    # the passages' token ids and the reference's top-1 choice at each position, kept in nomoat.json so that a
+    # device can measure its own agreement (edge/fidelity.py, `nomoat doctor --model`)
+    reference: list[dict]
+    measured_on: str
+    accuracy_level: int
 
     @property
     def greedy_match(self) -> bool:
@@ -71,15 +77,6 @@ def reference_logits(model, ids: list[int]) -> np.ndarray:
         return model(torch.tensor([ids])).logits[0].float().numpy()
 
 
-def runtime_logits(gen, ids: list[int], adapters=()) -> np.ndarray:
-    """Teacher-forced logits at every position, through prefill + decode_one_token."""
-    gen.select_adapters(tuple(adapters))
-    rows = [gen.prefill(ids[:1]).copy()]
-    for pos in range(1, len(ids)):
-        rows.append(gen.decode_one_token(ids[pos], pos).copy())
-    return np.stack(rows)
-
-
 def compare(ref: np.ndarray, out: np.ndarray) -> tuple[float, float, float]:
     agree = float((ref.argmax(-1) == out.argmax(-1)).mean())
     lp = ref - ref.max(-1, keepdims=True)
@@ -100,22 +97,26 @@ def greedy_reference(model, ids: list[int], n: int) -> list[int]:
 
 
 def verify_folder(folder: Path, reference, greedy_tokens: int = 12) -> Report:
+    from nomoat.edge.doctor import inspect_device
     from nomoat.edge.generate import Generator
 
     gen = Generator(folder, verify_files=False)
-    refs, outs = [], []
+    refs, outs, passages = [], [], []
     for text in PASSAGES:
         ids = gen.tokenizer.encode(text)[:64]
+        passages.append(ids)
         refs.append(reference_logits(reference, ids))
-        outs.append(runtime_logits(gen, ids))
+        outs.append(teacher_forced_logits(gen, ids))
     agree, kl, diff = compare(np.concatenate(refs), np.concatenate(outs))
     prompt = gen.tokenizer.encode(GREEDY_PROMPT)
     ref_ids = greedy_reference(reference, prompt, greedy_tokens)
     eos = set(gen.manifest.eos_token_ids)
     ref_ids = ref_ids[: next((i for i, t in enumerate(ref_ids) if t in eos), len(ref_ids))]
     ours = gen.generate(prompt, max_tokens=greedy_tokens).tokens
+    reference = [{"ids": list(map(int, i)), "top1": r.argmax(-1).tolist()} for i, r in zip(passages, refs, strict=True)]
+    device = inspect_device()
     return Report(agree, kl, diff, gen.tokenizer.decode(ref_ids), gen.tokenizer.decode(ours),
-                  sum(len(r) for r in refs))
+                  sum(len(r) for r in refs), reference, f"{device.machine}, {device.cpu}", gen.model.level)
 
 
 def verify_export(folder: Path, source, loras=(), min_agreement: float = DEFAULT_MIN_AGREEMENT,

@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -191,3 +193,75 @@ def no_user_config(tmp_path_factory):
     yield
     os.environ.pop("XDG_CONFIG_HOME")
     os.environ.update(saved)
+
+
+def _find_tools() -> Path:
+    """NOMOAT_ARM64_TOOLS, else ../shared/tools/arm64 beside this checkout, else beside the checkout it was
+    cloned from (a clean clone in /tmp for a CI rehearsal has no ../shared of its own)."""
+    if os.environ.get("NOMOAT_ARM64_TOOLS"):
+        return Path(os.environ["NOMOAT_ARM64_TOOLS"])
+    candidates = [ROOT.parent / "shared" / "tools" / "arm64"]
+    origin = subprocess.run(["git", "-C", str(ROOT), "config", "--get", "remote.origin.url"],
+                            capture_output=True, text=True).stdout.strip()
+    if origin and Path(origin).is_dir():
+        candidates.append(Path(origin).resolve().parent / "shared" / "tools" / "arm64")
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+TOOLS = _find_tools()
+
+
+def build_wheel(folder: Path) -> Path:
+    """nomoat's wheel, built from a copy of the checkout (a build/ left in the checkout cannot leak old files
+    into it) into `folder`."""
+    src = folder / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".cache", ".git", "models", "build", "dist",
+                                                             "*.egg-info", "__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(folder / "dist"), str(src)], check=True, capture_output=True)
+    shutil.rmtree(src)
+    return next((folder / "dist").glob("nomoat-*.whl"))
+
+
+def _unavailable() -> str | None:
+    if not (TOOLS / "setup-arm64-python.sh").exists():
+        return f"no aarch64 emulation tools at {TOOLS}"
+    if os.geteuid() != 0 and not shutil.which("sudo"):
+        return "setting up the aarch64 environment needs root (apt-get qemu-user-static)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def arm64() -> Path:
+    """An aarch64 Python (../shared/tools/arm64, QEMU) with nomoat's wheel, pip, and the aarch64 wheels of the
+    device side's dependencies; returns its launcher. The folder is world-readable, so that the field rehearsal
+    can run it as an unprivileged user."""
+    reason = _unavailable()
+    if reason:
+        if os.environ.get("NOMOAT_REQUIRE_ARM64"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    root = Path(tempfile.mkdtemp(prefix="nomoat-arm64-"))
+    root.chmod(0o755)
+    wheel = build_wheel(root)
+    # pip too: the field rehearsal installs the wheel as its unprivileged user, with the aarch64 Python's own pip
+    env = dict(os.environ, ARM64_EXTRA_WHEELS=f"{wheel} pip", ARM64_HOST_PYTHON=sys.executable)
+    cmd = ["bash", str(TOOLS / "setup-arm64-python.sh"), str(root / "env")]
+    if os.geteuid() != 0:
+        cmd = ["sudo", "--preserve-env=ARM64_EXTRA_WHEELS,ARM64_HOST_PYTHON", *cmd]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    # A dependency of the device side without an aarch64 wheel fails here, in pip download.
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    yield root / "env" / "run-arm64.sh"
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_verified(smollm2_gguf, tmp_path_factory) -> Path:
+    """SmolLM2 exported with the default settings and --verify: nomoat.json keeps the reference's top-1 choices
+    on the verify passages, which a device measures its own agreement against (`nomoat doctor --model`)."""
+    from nomoat.export.builder import BuildOptions
+    from nomoat.export.pipeline import export_model
+
+    return export_model(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "smol", BuildOptions(max_length=1024),
+                        verify=True, log=lambda *_: None)

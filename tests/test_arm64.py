@@ -19,54 +19,10 @@ from conftest import ROOT, export
 from nomoat.export.packing import pack_adapter
 
 pytestmark = [pytest.mark.arm64, pytest.mark.slow]
-def _find_tools() -> Path:
-    """NOMOAT_ARM64_TOOLS, else ../shared/tools/arm64 beside this checkout, else beside the checkout it was
-    cloned from (a clean clone in /tmp for a CI rehearsal has no ../shared of its own)."""
-    if os.environ.get("NOMOAT_ARM64_TOOLS"):
-        return Path(os.environ["NOMOAT_ARM64_TOOLS"])
-    candidates = [ROOT.parent / "shared" / "tools" / "arm64"]
-    origin = subprocess.run(["git", "-C", str(ROOT), "config", "--get", "remote.origin.url"],
-                            capture_output=True, text=True).stdout.strip()
-    if origin and Path(origin).is_dir():
-        candidates.append(Path(origin).resolve().parent / "shared" / "tools" / "arm64")
-    return next((c for c in candidates if c.is_dir()), candidates[0])
-
-
-TOOLS = _find_tools()
 PROBE = Path(__file__).with_name("arm64_probe.py")
 # int8 activations: x86 (AVX2/VNNI) and ARM (dotprod) quantize activations with different kernels, so the
 # logits differ by a few hundredths (the shared tool's MatMulNBits check allows 0.056 on one layer).
 INT8_LOGIT_TOLERANCE = 0.1
-
-
-def _unavailable() -> str | None:
-    if not (TOOLS / "setup-arm64-python.sh").exists():
-        return f"no aarch64 emulation tools at {TOOLS}"
-    if os.geteuid() != 0 and not shutil.which("sudo"):
-        return "setting up the aarch64 environment needs root (apt-get qemu-user-static)"
-    return None
-
-
-@pytest.fixture(scope="module")
-def arm64(tmp_path_factory) -> Path:
-    """An aarch64 Python with nomoat's wheel and the aarch64 wheels of its dependencies; returns its launcher."""
-    reason = _unavailable()
-    if reason:
-        if os.environ.get("NOMOAT_REQUIRE_ARM64"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    root = tmp_path_factory.mktemp("arm64")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(root / "dist"), str(ROOT)], check=True)
-    wheel = next((root / "dist").glob("nomoat-*.whl"))
-    env = dict(os.environ, ARM64_EXTRA_WHEELS=str(wheel), ARM64_HOST_PYTHON=sys.executable)
-    cmd = ["bash", str(TOOLS / "setup-arm64-python.sh"), str(root / "env")]
-    if os.geteuid() != 0:
-        cmd = ["sudo", "--preserve-env=ARM64_EXTRA_WHEELS,ARM64_HOST_PYTHON", *cmd]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    # A dependency of the device side without an aarch64 wheel fails here, in pip download.
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return root / "env" / "run-arm64.sh"
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +95,29 @@ def test_runtime_on_aarch64_matches_x86(arm64, models, host, cpu, dotprod, board
     # the int8 KV cache: the x86 tokens; logits equal but for a rounding tie flipping one cached step
     assert arm["kv8_tokens"] == host["kv8_tokens"]
     np.testing.assert_allclose(arm["kv8_logits"], host["kv8_logits"], atol=1e-2)
+
+
+# Each board's profile on its own (emulated) CPU: the SmolLM2 export's teacher-forced top-1 agreement with the
+# fp32 reference, measured by `nomoat doctor --model` there. The figures are the README's "Fidelity per CPU".
+# The Zero 2 W's Cortex-A53 runs the Pi 4's kernel path (no dot-product: fp32, level 1), so it is not run again.
+BOARDS = [("cortex-a76", "raspberry-pi-5", {}, 4, 0.90),
+          ("cortex-a76", "android-termux", {"TERMUX_VERSION": "0.118.0"}, 4, 0.90),
+          ("cortex-a72", "raspberry-pi-4", {}, 1, 0.99)]
+
+
+@pytest.mark.parametrize("cpu,profile,extra,level,floor", BOARDS, ids=[b[1] for b in BOARDS])
+def test_doctor_measures_each_boards_fidelity_on_its_cpu(arm64, smollm2_verified, cpu, profile, extra, level, floor,
+                                                         tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([str(arm64), "-m", "nomoat", "doctor", "--model", str(smollm2_verified), "--profile",
+                           profile, "--json"], cwd=tmp_path, env=dict(env, ARM64_CPU=cpu, **extra),
+                          capture_output=True, text=True, timeout=900)
+    report = json.loads(done.stdout)
+    assert not any(p["fatal"] for p in report["problems"]), report["problems"]
+    f = report["fidelity"]
+    print(f"{profile} on {cpu}: {f['top1_agreement']:.1%} top-1 agreement (level {f['accuracy_level']}, "
+          f"{f['tokens']} tokens; {f['at_export']['top1_agreement']:.1%} at export on {f['at_export']['measured_on']})")
+    assert f["tokens"] == 76 and f["accuracy_level"] == level
+    assert f["top1_agreement"] >= floor
+    if level == 1:  # the fp32 path follows the reference wherever it runs
+        assert f["top1_agreement"] >= f["at_export"]["top1_agreement"]

@@ -13,16 +13,17 @@ import pytest
 from conftest import export, write_json
 from nomoat.edge.adapters import Adapter
 from nomoat.edge.doctor import model_memory_mb
+from nomoat.edge.fidelity import teacher_forced_logits
 from nomoat.edge.generate import Generator
 from nomoat.export.lora import load_adapter, slot_tensors
 from nomoat.export.sources import ExportError
-from nomoat.export.verify import compare, load_reference, reference_logits, runtime_logits
+from nomoat.export.verify import compare, load_reference, reference_logits
 
 IDS = [5, 17, 42, 99, 120, 7, 250, 33, 61, 300, 11, 2]
 
 
 def logits_of(folder, ids=IDS, adapters=()):
-    return runtime_logits(Generator(folder), ids, adapters)
+    return teacher_forced_logits(Generator(folder), ids, adapters)
 
 
 @pytest.mark.parametrize("which", ["tiny", "tiny_tied"])
@@ -127,11 +128,11 @@ def test_exact_fidelity_keeps_its_levels_under_any_profile(exported):
 
     folder = exported("int4-exact", fidelity="exact")
     assert json.loads((folder / "nomoat.json").read_text())["quantization"]["fidelity"] == "exact"
-    as_exported = runtime_logits(Generator(folder), IDS)
-    np.testing.assert_array_equal(runtime_logits(Generator(folder, Profile(accuracy_level=4)), IDS), as_exported)
+    as_exported = teacher_forced_logits(Generator(folder), IDS)
+    np.testing.assert_array_equal(teacher_forced_logits(Generator(folder, Profile(accuracy_level=4)), IDS), as_exported)
     # while a default export follows the profile
     default = exported("int4-tiny")
-    assert not np.array_equal(runtime_logits(Generator(default, Profile(accuracy_level=1)), IDS), logits_of(default))
+    assert not np.array_equal(teacher_forced_logits(Generator(default, Profile(accuracy_level=1)), IDS), logits_of(default))
 
 
 def test_cli_min_agreement_is_enforced(tiny, tmp_path):
@@ -206,9 +207,9 @@ def test_slot_export_fed_adapter_equals_merged(adapters, exported):
     merged = exported("merged-a1", precision="fp32", loras=[(a1, 1.0)])
     gen = Generator(slots)
     gen.adapters.add(Adapter("a1", {}, slot_tensors(load_adapter(a1))))
-    np.testing.assert_allclose(runtime_logits(gen, IDS, [("a1", 1.0)]), logits_of(merged), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(teacher_forced_logits(gen, IDS, [("a1", 1.0)]), logits_of(merged), atol=1e-4, rtol=1e-4)
     # no adapter: exactly the base export
-    np.testing.assert_array_equal(runtime_logits(gen, IDS), logits_of(exported("fp32-base", precision="fp32")))
+    np.testing.assert_array_equal(teacher_forced_logits(gen, IDS), logits_of(exported("fp32-base", precision="fp32")))
 
 
 def test_missing_source(tmp_path):
@@ -301,6 +302,55 @@ def test_q4_0_gguf_blocks_are_imported_exactly(smollm2_gguf, tmp_path):
     assert lookup["bits"] == 4 and lookup["scales"]["dtype"] == "float16"
     assert not [t for t in graph.initializer if t.name.startswith("model.embed_tokens")]
     assert {n.output[0] for n in graph.node if n.op_type == "Cast"} >= {t.name[:-4] for t in halves}
+
+
+def test_every_gguf_block_type_converts_value_for_value():
+    """Each type's blocks, as MatMulNBits blocks, dequantize to what gguf's own `dequantize` gives, bit for bit;
+    random bytes with sane fp16 scales are valid blocks of any type."""
+    import gguf
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    from nomoat.export.gguf_blocks import EXACT_TYPES, gguf_blocks
+    from random_llama_gguf import random_blocks
+
+    rng = np.random.default_rng(0)
+    for kind in EXACT_TYPES:
+        qtype = gguf.GGMLQuantizationType[kind]
+        raw = random_blocks(qtype, (16, 512), rng)
+        blocks = gguf_blocks(kind, raw)
+        assert blocks.bits in (4, 8) and blocks.kind == f"gguf:{kind}"
+        np.testing.assert_array_equal(blocks.dequantize(), gguf.quants.dequantize(raw, qtype).reshape(16, 512),
+                                      err_msg=kind)
+
+
+@pytest.mark.slow
+def test_a_gguf_of_every_block_type_exports_exactly(smollm2_gguf, tmp_path):
+    """A random LLaMA whose weights cycle through every block type nomoat imports exactly: each is kept (the
+    manifest says so per type), and at fp32 compute (level 1) the graph gives the logits of gguf's own
+    dequantized weights exported as float."""
+    import gguf
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    from nomoat.export.builder import BuildOptions
+    from nomoat.export.gguf_blocks import EXACT_TYPES
+    from nomoat.export.pipeline import export_model
+    from random_llama_gguf import write_random_llama
+
+    names = iter(range(1000))
+    types = lambda name: gguf.GGMLQuantizationType[EXACT_TYPES[next(names) % len(EXACT_TYPES)]]  # noqa: E731
+    chosen = write_random_llama(str(tmp_path / "r.gguf"), str(smollm2_gguf), hidden=256, ffn=512, layers=2,
+                                heads=4, kv_heads=2, qtypes=types, reference=str(tmp_path / "ref.gguf"))
+    assert set(chosen.values()) == set(EXACT_TYPES)
+    quiet = lambda *_: None  # noqa: E731
+    exact = export_model(tmp_path / "r.gguf", tmp_path / "int", BuildOptions(max_length=64, accuracy_level=1),
+                         verify=False, log=quiet)
+    ref = export_model(tmp_path / "ref.gguf", tmp_path / "f32", BuildOptions(max_length=64, precision="fp32"),
+                       verify=False, log=quiet)
+    kinds = json.loads((exact / "nomoat.json").read_text())["quantization"]["weights"]
+    assert set(kinds) == {f"gguf:{k}" for k in EXACT_TYPES}, kinds
+    ours, theirs = logits_of(exact), logits_of(ref)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4 * np.abs(theirs).max())
+    assert (ours.argmax(-1) == theirs.argmax(-1)).all()
 
 
 @pytest.mark.slow

@@ -1,8 +1,10 @@
 """A field rehearsal on this machine: what a Raspberry Pi owner does, as the unprivileged user a service runs as,
 against a Mosquitto with TLS, a password file and the bundled ACL. The config files are the README's, the clients
 are Mosquitto's own (`mosquitto_pub`/`mosquitto_sub`, MQTT 5 and 3.1.1), the operator pushes a signed adapter
-with `nomoat fleet`, and the daemon is stopped with SIGTERM and started again. (The aarch64 part of the path,
-the wheel on emulated Cortex-A72/A76, is tests/test_arm64.py.)"""
+with `nomoat fleet`, and the daemon is stopped with SIGTERM and started again. It runs twice: with this machine's
+Python, and on an emulated Raspberry Pi 5 (Cortex-A76, ../shared/tools/arm64), where the user installs nomoat's
+wheel with the aarch64 Python's own pip and `nomoat serve` picks the bundled raspberry-pi-5 profile itself.
+(The kernels on emulated Cortex-A72/A76 are tests/test_arm64.py.)"""
 
 from __future__ import annotations
 
@@ -59,8 +61,8 @@ def make_certificates(folder: Path) -> None:
                                                           serialization.NoEncryption()))
 
 
-def as_nobody(*cmd, home: Path, **kw) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NOMOAT_", "XDG_"))}
+def as_nobody(*cmd, home: Path, env: dict | None = None, **kw) -> subprocess.Popen:
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("NOMOAT_", "XDG_"))}, **(env or {})}
     env.update(HOME=str(home), PYTHONUNBUFFERED="1")
     return subprocess.Popen(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *cmd],
                             env=env, cwd=home, **kw)
@@ -84,7 +86,7 @@ def status(port, ca, timeout=60) -> dict:
     return json.loads(out.stdout) if out.stdout.strip() else {}
 
 
-def wait_online(port, ca, timeout=60) -> dict:
+def wait_online(port, ca, timeout=180) -> dict:
     end = time.time() + timeout
     while time.time() < end:
         s = status(port, ca, timeout=5)
@@ -94,7 +96,8 @@ def wait_online(port, ca, timeout=60) -> dict:
     raise AssertionError("the daemon never reported online")
 
 
-def test_a_pi_owners_first_hour_as_an_unprivileged_user(field, slots, adapter_file, key):
+@pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
+def test_a_pi_owners_first_hour_as_an_unprivileged_user(machine, field, slots, adapter_file, key, request):
     key_path, pub = key
     certs = field / "certs"
     certs.mkdir(mode=0o755)
@@ -123,13 +126,26 @@ def test_a_pi_owners_first_hour_as_an_unprivileged_user(field, slots, adapter_fi
         f'username = "pi1"\npassword_file = "{config}/password"\nca_file = "{certs}/ca.crt"\n')
     subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", str(home)], check=True)
     (config / "password").chmod(0o600)
-    nomoat = [sys.executable, "-m", "nomoat"]
+    nomoat, operator_nomoat, env, profile = [sys.executable, "-m", "nomoat"], [sys.executable, "-m", "nomoat"], {}, \
+        "x86-64-dev"
+    if machine == "aarch64":
+        launcher = request.getfixturevalue("arm64")
+        env, profile = {"ARM64_CPU": "cortex-a76", "PYTHONPATH": str(home / "lib")}, "raspberry-pi-5"
+        subprocess.run([str(launcher), "-c", "pass"], env=dict(os.environ, **env), check=True)  # its cpuinfo, as root
+        # the user installs the wheel with pip (its dependencies are the system's, as apt would install them)
+        wheel = next(launcher.parent.parent.glob("dist/nomoat-*.whl"))
+        pip = as_nobody(str(launcher), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target",
+                        str(home / "lib"), str(wheel), home=home, env=env, stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, text=True)
+        assert pip.wait(timeout=600) == 0, pip.stdout.read()
+        nomoat = [str(launcher), "-m", "nomoat"]
     daemon = None
     try:
-        doctor = as_nobody(*nomoat, "doctor", "--model", str(home / "models" / "m"), home=home,
+        doctor = as_nobody(*nomoat, "doctor", "--model", str(home / "models" / "m"), home=home, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        assert "fits" in doctor.communicate(timeout=60)[0]
-        daemon = as_nobody(*nomoat, "serve", str(home / "models" / "m"), home=home,
+        checked = doctor.communicate(timeout=600)[0]
+        assert f"fits         {profile}" in checked and "fidelity" in checked, checked
+        daemon = as_nobody(*nomoat, "serve", str(home / "models" / "m"), home=home, env=env,
                            stdout=open(field / "serve.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
         first = wait_online(port, certs / "ca.crt")
         assert first["device"] == "pi1" and first["fleet"] == "home"
@@ -149,7 +165,7 @@ def test_a_pi_owners_first_hour_as_an_unprivileged_user(field, slots, adapter_fi
         operator = field / "operator.toml"
         operator.write_text(f'[mqtt]\nbroker = "mqtts://localhost:{port}"\nfleet = "home"\nusername = "operator"\n'
                             f'password = "op-pw"\nca_file = "{certs}/ca.crt"\n')
-        push = subprocess.run([*nomoat, "fleet", "--config", str(operator), "push", str(adapter_file), "--name", "tone",
+        push = subprocess.run([*operator_nomoat, "fleet", "--config", str(operator), "push", str(adapter_file), "--name", "tone",
                                "--key", str(key_path), "--activate", "--wait-for", "1", "--timeout", "60"],
                               capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert push.returncode == 0 and "activated" in push.stdout, push.stdout + push.stderr + (field / "serve.log").read_text()[-3000:] + (field / "mosquitto.log").read_text()[-3000:]
@@ -159,7 +175,7 @@ def test_a_pi_owners_first_hour_as_an_unprivileged_user(field, slots, adapter_fi
         daemon.terminate()
         assert daemon.wait(timeout=60) == 0
         assert status(port, certs / "ca.crt")["state"] == "offline"
-        daemon = as_nobody(*nomoat, "serve", str(home / "models" / "m"), home=home,
+        daemon = as_nobody(*nomoat, "serve", str(home / "models" / "m"), home=home, env=env,
                            stdout=open(field / "serve2.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
         again = wait_online(port, certs / "ca.crt")
         assert again["default_adapters"] == [{"name": "tone", "scale": 1.0}] and again["installed"] == {"tone": 1}
@@ -170,4 +186,4 @@ def test_a_pi_owners_first_hour_as_an_unprivileged_user(field, slots, adapter_fi
         broker.kill()
         broker.wait()
     log = (field / "serve.log").read_text()
-    assert "Traceback" not in log and "picked for this device" in log, log
+    assert "Traceback" not in log and f"profile {profile} (picked for this device" in log, log

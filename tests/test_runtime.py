@@ -405,9 +405,9 @@ def test_adapter_changes_output_and_off_restores_base(slots, packed):
     assert on.tokens != base.tokens
     assert off.tokens == base.tokens
     ids = gen.tokenizer.encode("The capital of")
-    from nomoat.export.verify import runtime_logits
+    from nomoat.edge.fidelity import teacher_forced_logits
 
-    np.testing.assert_array_equal(runtime_logits(gen, ids), runtime_logits(Generator(slots), ids))
+    np.testing.assert_array_equal(teacher_forced_logits(gen, ids), teacher_forced_logits(Generator(slots), ids))
 
 
 def test_adapters_with_an_int8_kv_cache(exported, adapters, tmp_path):
@@ -422,15 +422,15 @@ def test_adapters_with_an_int8_kv_cache(exported, adapters, tmp_path):
 
 
 def test_two_stacked_adapters_equal_merged_export(slots, packed, adapters, exported):
-    from nomoat.export.verify import runtime_logits
+    from nomoat.edge.fidelity import teacher_forced_logits
 
     merged = exported("merged-both", precision="fp32", loras=[(adapters[0], 1.0), (adapters[1], 0.5)])
     gen = Generator(slots)
     for f in packed:
         gen.load_adapter(f)
     ids = gen.tokenizer.encode("The quick brown fox jumps")
-    stacked = runtime_logits(gen, ids, [("a1", 1.0), ("a2", 0.5)])
-    np.testing.assert_allclose(stacked, runtime_logits(Generator(merged), ids), atol=1e-4, rtol=1e-4)
+    stacked = teacher_forced_logits(gen, ids, [("a1", 1.0), ("a2", 0.5)])
+    np.testing.assert_allclose(stacked, teacher_forced_logits(Generator(merged), ids), atol=1e-4, rtol=1e-4)
 
 
 def test_float16_adapter_is_half_the_size_and_close(slots, packed, adapters, tmp_path):

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, build_wheel
 
 SCRIPTS = sorted([*ROOT.glob("tools/*.sh"), *ROOT.glob("tools/termux/*"), ROOT / ".ci" / "run"])
 
@@ -178,12 +178,7 @@ def test_the_wheel_installs_one_nomoat_package_and_python_m_nomoat_runs(tmp_path
     import sys
     import zipfile
 
-    src = tmp_path / "src"  # a copy, so that no build/ left in the checkout can leak old files into the wheel
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".cache", ".git", "models", "build", "dist",
-                                                             "*.egg-info", "__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(tmp_path / "dist"), str(src)], check=True, capture_output=True)
-    wheel = next((tmp_path / "dist").glob("nomoat-*.whl"))
+    wheel = build_wheel(tmp_path)
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
         z.extractall(tmp_path / "site")

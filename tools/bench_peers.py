@@ -166,10 +166,11 @@ def fidelity(a, engines: dict[str, tuple[str, str, str]]) -> dict[str, str]:
     import tempfile
 
     import numpy as np
+    from nomoat.edge.fidelity import teacher_forced_logits
     from nomoat.edge.generate import Generator
     from nomoat.edge.manifest import read_manifest
     from nomoat.edge.text import Tokenizer
-    from nomoat.export.verify import PASSAGES, compare, load_reference, reference_logits, runtime_logits
+    from nomoat.export.verify import PASSAGES, compare, load_reference, reference_logits
 
     first = read_manifest(a.model[0], verify_files=False)
     tokenizer = Tokenizer(first.folder, first)  # the ids only: no session
@@ -181,7 +182,7 @@ def fidelity(a, engines: dict[str, tuple[str, str, str]]) -> dict[str, str]:
     describe = lambda out: "top-1 agreement {:.1%}, mean KL {:.4f}".format(*map(abs, compare(ref, out)[:2]))  # noqa: E731
     for name, folder in zip(engines["nomoat"], a.model, strict=True):
         gen = Generator(folder, verify_files=False)
-        found[name] = describe(np.concatenate([runtime_logits(gen, i) for i in ids]))
+        found[name] = describe(np.concatenate([teacher_forced_logits(gen, i) for i in ids]))
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "ids.json").write_text(json.dumps(ids))
         for name, (code, target, python) in engines["peers"].items():
