@@ -77,8 +77,8 @@ def export_model(source: str | Path, out: str | Path, opts: BuildOptions, loras:
                            embedding=embedding)
             kv_quantization = quantize_kv_cache_of(tmp)
         write_manifest(tmp, ckpt, opts, kinds, lora_inputs, adapters, out.name, via, kv_quantization, embedding)
-        log(f"exported {Path(source).name} -> {out} in {time.time() - t0:.1f}s "
-            f"({_size_mb(tmp):.1f} MB, weights: {dict(Counter(kinds.values()))})")
+        log(f"exported {Path(source).name} -> {out} in {time.time() - t0:.1f}s ({_size_mb(tmp):.1f} MB)")
+        log(f"  weights: {describe_weights(kinds, getattr(ckpt, 'requantized', {}))}")
         if verify is None:
             verify = _has_torch()
         if verify:
@@ -115,6 +115,21 @@ def save_tokenizer(source: str | Path, folder: Path) -> None:
         return
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         pool.submit(_save_tokenizer_child, str(source), str(folder)).result()
+
+
+def describe_weights(kinds: dict[str, str], requantized: dict[str, str]) -> str:
+    """"imported exactly: Q4_K × 182, Q6_K × 31; re-quantized …" from the builder's weight kinds."""
+    exact = Counter(k.removeprefix("gguf:") for k in kinds.values() if k.startswith("gguf:"))
+    other = Counter(k for k in kinds.values() if not k.startswith("gguf:"))
+    parts = []
+    if exact:
+        parts.append("imported exactly: " + ", ".join(f"{t} × {n}" for t, n in exact.most_common()))
+    if requantized:
+        parts.append("re-quantized (no exact MatMulNBits layout): "
+                     + ", ".join(f"{t} × {n}" for t, n in Counter(requantized.values()).most_common()))
+    if other:
+        parts.append(", ".join(f"{k} × {n}" for k, n in other.most_common()))
+    return "; ".join(parts)
 
 
 def _save_tokenizer_child(source: str, folder: str) -> None:
@@ -173,6 +188,9 @@ def write_manifest(folder: Path, ckpt, opts: BuildOptions, weight_kinds: dict[st
             "fidelity": opts.fidelity,
             "lm_head": opts.lm_head,
             "weights": dict(Counter(weight_kinds.values())),
+            # GGUF types that no MatMulNBits layout holds exactly: dequantized, then re-quantized (type -> count)
+            **({"requantized_from": dict(Counter(ckpt.requantized.values()))}
+               if getattr(ckpt, "requantized", None) else {}),
         },
         "merged_adapters": [{"path": ad.path.name, "scale": ad.scale, "rank": ad.rank} for ad in adapters],
         "source": {"name": Path(ckpt.path).name, "sha256": ckpt.source_hash},

@@ -288,6 +288,9 @@ class GGUFCheckpoint(Checkpoint):
             eos_token_ids=(int(eos),) if eos is not None else (),
         )
         self.source_hash = sha256_file(path)
+        # HF weight name -> GGUF type, for quantized tensors that no MatMulNBits layout holds exactly (the
+        # export re-quantizes them and says so)
+        self.requantized: dict[str, str] = {}
 
     def has(self, name: str) -> bool:
         try:
@@ -308,6 +311,8 @@ class GGUFCheckpoint(Checkpoint):
         if kind in EXACT_TYPES:
             out = gguf_blocks(kind, np.asarray(t.data).reshape(n_rows, -1))
         else:
+            if kind not in ("F32", "F16", "BF16", "F64"):
+                self.requantized[name] = kind
             out = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
             out = out.reshape(-1) if len(t.shape) == 1 else out.reshape(n_rows, -1)
         cfg = self.config

@@ -354,6 +354,27 @@ def test_a_gguf_of_every_block_type_exports_exactly(smollm2_gguf, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_gguf_type_without_an_exact_layout_is_requantized_and_says_so(smollm2_gguf, tmp_path):
+    import gguf
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    from nomoat.export.builder import BuildOptions
+    from nomoat.export.pipeline import export_model
+    from random_llama_gguf import write_random_llama
+
+    q = gguf.GGMLQuantizationType
+    write_random_llama(str(tmp_path / "r.gguf"), str(smollm2_gguf), hidden=256, ffn=512, layers=2, heads=4,
+                       kv_heads=2, qtypes=lambda name: q.IQ2_XXS if name == "blk.0.ffn_down.weight" else q.Q4_K)
+    lines = []
+    out = export_model(tmp_path / "r.gguf", tmp_path / "o", BuildOptions(max_length=64), verify=False,
+                       log=lines.append)
+    assert "  weights: imported exactly: Q4_K × 15; re-quantized (no exact MatMulNBits layout): IQ2_XXS × 1; " \
+           "rtn-int4 × 1" in lines, lines
+    quant = json.loads((out / "nomoat.json").read_text())["quantization"]
+    assert quant["weights"] == {"gguf:Q4_K": 15, "rtn-int4": 1} and quant["requantized_from"] == {"IQ2_XXS": 1}
+
+
+@pytest.mark.slow
 def test_smollm2_gguf_says_paris(smollm2_gguf, tmp_path):
     """The real model, imported from its GGUF blocks, verified against transformers."""
     from nomoat.export.builder import BuildOptions

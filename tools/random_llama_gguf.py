@@ -44,7 +44,8 @@ def copy_tokenizer(reader: GGUFReader, writer: GGUFWriter) -> int:
 # Where each block type keeps its fp16 scales (byte offsets in a block) and their sizes: the rest of a block's
 # bytes may be anything, so random bytes with these fields set to small fp16 values are a valid block.
 FP16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "IQ4_NL": [0],
-               "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_XS": [0]}
+               "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_XS": [0],
+               "IQ2_XXS": [0]}
 
 
 def random_blocks(qtype: GGMLQuantizationType, shape: tuple[int, int], rng) -> np.ndarray:
@@ -52,7 +53,7 @@ def random_blocks(qtype: GGMLQuantizationType, shape: tuple[int, int], rng) -> n
     block, size = GGML_QUANT_SIZES[qtype]
     rows, n = shape[0], shape[1] // block
     raw = rng.integers(0, 256, (rows, n, size), dtype=np.uint8)
-    two_level = qtype.name.endswith("_K") or qtype.name == "IQ4_XS"  # super-block scale x sub-block scale
+    two_level = qtype.name.endswith("_K") or qtype.name.startswith(("IQ4_XS", "IQ2"))  # super-block scale x sub-block scale
     for offset in FP16_FIELDS[qtype.name]:
         d = rng.uniform(2e-5, 2e-4) if two_level else rng.uniform(1e-3, 4e-3)
         v = (rng.uniform(0.5, 1.0, (rows, n)) * d * rng.choice([-1, 1], (rows, n))).astype(np.float16)
