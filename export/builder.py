@@ -407,7 +407,9 @@ def rotary_tables(c: LlamaConfig, max_length: int) -> tuple[np.ndarray, np.ndarr
     """cos/sin [max_length, head_dim/2] with the same inverse frequencies as transformers."""
     inv_freq = 1.0 / (c.rope_theta ** (np.arange(0, c.head_dim, 2, dtype=np.float64) / c.head_dim))
     s = c.rope_scaling
-    if s:  # llama3 frequency-dependent scaling
+    if s and s.get("rope_type") == "linear":  # positions divided by the factor
+        inv_freq = inv_freq / s["factor"]
+    elif s:  # llama3 frequency-dependent scaling
         factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
         old = s["original_max_position_embeddings"]
         wavelen = 2 * np.pi / inv_freq
@@ -415,5 +417,7 @@ def rotary_tables(c: LlamaConfig, max_length: int) -> tuple[np.ndarray, np.ndarr
         scaled = np.where(wavelen > old / lo, inv_freq / factor, inv_freq)
         mid = (wavelen <= old / lo) & (wavelen >= old / hi)
         inv_freq = np.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    if c.rope_freq_factors:  # a GGUF's rope_freqs: llama.cpp divides each frequency by its factor
+        inv_freq = inv_freq / np.asarray(c.rope_freq_factors, dtype=np.float64)
     angles = np.outer(np.arange(max_length, dtype=np.float64), inv_freq).astype(np.float32)
     return np.cos(angles), np.sin(angles)

@@ -38,6 +38,9 @@ class LlamaConfig:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     rope_scaling: dict | None = None
+    # a GGUF's rope_freqs tensor (Llama 3.x files): each rotary frequency is divided by its factor, as llama.cpp
+    # does; llama.cpp's converter writes it from the llama3 rope_scaling of the Hugging Face config
+    rope_freq_factors: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -131,7 +134,7 @@ def _llama_from_hf_config(cfg: dict, where: Path) -> LlamaConfig:
     eos = cfg.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
     scaling = cfg.get("rope_scaling")
-    if scaling and scaling.get("rope_type", scaling.get("type")) not in ("llama3", "default"):
+    if scaling and scaling.get("rope_type", scaling.get("type")) not in ("llama3", "linear", "default"):
         raise ExportError(f"unsupported rope_scaling {scaling} in {where}")
     if cfg.get("sliding_window"):
         raise ExportError("sliding-window attention is not supported")
@@ -149,7 +152,8 @@ def _llama_from_hf_config(cfg: dict, where: Path) -> LlamaConfig:
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=eos_ids,
-        rope_scaling=scaling if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3" else None,
+        rope_scaling=({**scaling, "rope_type": scaling.get("rope_type", scaling.get("type"))}
+                      if scaling and scaling.get("rope_type", scaling.get("type")) in ("llama3", "linear") else None),
     )
 
 
@@ -250,6 +254,15 @@ def _unpermute_rows(n_rows: int, n_head: int) -> np.ndarray:
     return idx.reshape(n_head, n_rows // n_head // 2, 2).swapaxes(1, 2).reshape(n_rows)
 
 
+def _gguf_rope_scaling(field, where: str) -> dict | None:
+    kind = field("llama.rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(field("llama.rope.scaling.factor"))}
+    raise ExportError(f"unsupported rope scaling {kind!r} in {where} (nomoat supports none, linear and llama3)")
+
+
 class GGUFCheckpoint(Checkpoint):
     def __init__(self, path: Path):
         import gguf
@@ -286,7 +299,13 @@ class GGUFCheckpoint(Checkpoint):
             tie_word_embeddings="output.weight" not in self.tensors,
             bos_token_id=field("tokenizer.ggml.bos_token_id"),
             eos_token_ids=(int(eos),) if eos is not None else (),
+            rope_scaling=_gguf_rope_scaling(field, path.name),
+            rope_freq_factors=tuple(float(v) for v in np.asarray(self.tensors["rope_freqs.weight"].data, np.float32))
+            if "rope_freqs.weight" in self.tensors else None,
         )
+        # general.* names (name, basename, size label, license, …) for the manifest: which model this is
+        self.general = {k.removeprefix("general."): v for k in f if k.startswith("general.")
+                        and isinstance(v := field(k), str | int | float) and len(str(v)) <= 200}
         self.source_hash = sha256_file(path)
         # HF weight name -> GGUF type, for quantized tensors that no MatMulNBits layout holds exactly (the
         # export re-quantizes them and says so)

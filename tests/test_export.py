@@ -374,6 +374,59 @@ def test_a_gguf_type_without_an_exact_layout_is_requantized_and_says_so(smollm2_
     assert quant["weights"] == {"gguf:Q4_K": 15, "rtn-int4": 1} and quant["requantized_from"] == {"IQ2_XXS": 1}
 
 
+def llama3_rope_factors(head_dim: int, theta: float, factor=8.0, lo=1.0, hi=4.0, old=8192) -> np.ndarray:
+    """The rope_freqs tensor that llama.cpp's convert_hf_to_gguf.py writes for a llama3 rope_scaling."""
+    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    wavelen = 2 * np.pi / freqs
+    smooth = (old / wavelen - lo) / (hi - lo)
+    return np.where(wavelen < old / hi, 1.0, np.where(wavelen > old / lo, factor, 1 / ((1 - smooth) / factor + smooth)))
+
+
+def test_a_gguf_rope_freqs_tensor_is_the_llama3_scaling_of_the_hf_config():
+    from nomoat.export.builder import rotary_tables
+    from nomoat.export.sources import LlamaConfig
+
+    base = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_layers=1, num_heads=32, num_kv_heads=8,
+                       head_dim=64, vocab_size=10, rope_theta=500000.0, rms_norm_eps=1e-5,
+                       max_position_embeddings=131072, tie_word_embeddings=True, bos_token_id=None, eos_token_ids=())
+    from dataclasses import replace
+
+    hf = replace(base, rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    gguf = replace(base, rope_freq_factors=tuple(np.float32(llama3_rope_factors(64, 500000.0, factor=32.0))))
+    for a, b in zip(rotary_tables(hf, 4096), rotary_tables(gguf, 4096), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    assert not np.allclose(rotary_tables(base, 4096)[0], rotary_tables(hf, 4096)[0], atol=1e-2)
+
+
+@pytest.mark.slow
+def test_a_llama3_style_gguf_exports_with_its_rope_freqs_and_names(smollm2_gguf, tmp_path):
+    """A Llama 3.x-style GGUF on its own (no Hugging Face folder): rope_freqs is applied, the untied output
+    kept, the BPE tokenizer and chat template come from the file, general.* names go to the manifest."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    from nomoat.export.builder import BuildOptions
+    from nomoat.export.pipeline import export_model
+    from random_llama_gguf import write_random_llama
+
+    factors = llama3_rope_factors(64, 10000.0, factor=8.0, old=64)
+    write_random_llama(str(tmp_path / "l3.gguf"), str(smollm2_gguf), hidden=256, ffn=512, layers=2, heads=4,
+                       kv_heads=2, rope_freqs=factors)
+    write_random_llama(str(tmp_path / "plain.gguf"), str(smollm2_gguf), hidden=256, ffn=512, layers=2, heads=4,
+                       kv_heads=2)
+    quiet = lambda *_: None  # noqa: E731
+    l3 = export_model(tmp_path / "l3.gguf", tmp_path / "l3", BuildOptions(max_length=256), verify=False, log=quiet)
+    plain = export_model(tmp_path / "plain.gguf", tmp_path / "p", BuildOptions(max_length=256), verify=False,
+                         log=quiet)
+    m = json.loads((l3 / "nomoat.json").read_text())
+    np.testing.assert_allclose(m["config"]["rope_freq_factors"], factors, rtol=1e-6)
+    assert m["source"]["general"]["name"] == "random-llama" and m["config"]["tie_word_embeddings"] is False
+    ids = list(range(5, 105))  # far enough for the scaled low frequencies to matter
+    assert not np.allclose(logits_of(l3, ids), logits_of(plain, ids), atol=1e-3)
+    np.testing.assert_allclose(logits_of(l3, ids[:1]), logits_of(plain, ids[:1]), atol=1e-5)  # position 0: no rotation
+    tok = json.loads((l3 / "tokenizer_config.json").read_text())
+    assert tok.get("chat_template") and Generator(l3).generate([{"role": "user", "content": "hi"}], max_tokens=2)
+
+
 @pytest.mark.slow
 def test_smollm2_gguf_says_paris(smollm2_gguf, tmp_path):
     """The real model, imported from its GGUF blocks, verified against transformers."""

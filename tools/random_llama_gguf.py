@@ -63,9 +63,10 @@ def random_blocks(qtype: GGMLQuantizationType, shape: tuple[int, int], rng) -> n
 
 def write_random_llama(output: str, donor: str, hidden: int = 2048, ffn: int = 5632, layers: int = 22,
                        heads: int = 32, kv_heads: int = 4, seed: int = 0, qtypes=None,
-                       reference: str | None = None) -> dict[str, str]:
+                       reference: str | None = None, rope_freqs: np.ndarray | None = None) -> dict[str, str]:
     """qtypes(gguf tensor name) -> the block type of a weight matrix (default Q4_0, the output Q8_0);
-    reference: also write the same weights, dequantized by gguf, as F32 to this file. Returns name -> type."""
+    reference: also write the same weights, dequantized by gguf, as F32 to this file; rope_freqs: a Llama 3.x
+    file's rope_freqs tensor (the divisor of each rotary frequency). Returns name -> type."""
     a = argparse.Namespace(output=output, hidden=hidden, ffn=ffn, layers=layers, heads=heads, kv_heads=kv_heads)
     writer = GGUFWriter(a.output, "llama")
     ref = GGUFWriter(reference, "llama") if reference else None
@@ -105,6 +106,9 @@ def write_random_llama(output: str, donor: str, hidden: int = 2048, ffn: int = 5
         if ref:
             ref.add_tensor(name, dequantize(blocks, qtype).reshape(shape).astype(np.float32))
 
+    if rope_freqs is not None:
+        for w in filter(None, (writer, ref)):
+            w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, np.float32))
     add("token_embd.weight", (vocab, a.hidden))
     kv = a.kv_heads * head_dim
     for i in range(a.layers):
