@@ -9,21 +9,23 @@ GGUF type whose weights are an integer times a per-block scale, plus a per-block
 | Q4_0   | d * (q - 8), q 0..15                         | 4, 32              | d                        |
 | Q4_1   | d * q + m                                    | 4, 32              | d, m + 8d                |
 | Q5_0   | d * (q - 16), q 0..31                        | 8, 32              | d                        |
-| Q5_1   | d * q + m                                    | 8, 32              | d, m                     |
+| Q5_1   | d * q + m                                    | 8, 32              | d, m + 16d               |
 | Q8_0   | d * q, q int8                                | 8, 32              | d                        |
-| Q2_K   | d*sc * q - dmin*m per 16, q 0..3             | 4, 16              | d*sc, -dmin*m            |
+| Q2_K   | d*sc * q - dmin*m per 16, q 0..3             | 4, 16              | d*sc, 2 d*sc - dmin*m    |
 | Q3_K   | d*(sc-32) * q per 16, q -4..3                | 4, 16              | d*(sc-32)                |
 | Q4_K   | d*sc * q - dmin*m per 32, q 0..15            | 4, 32              | d*sc, 8 d*sc - dmin*m    |
-| Q5_K   | d*sc * q - dmin*m per 32, q 0..31            | 8, 32              | d*sc, -dmin*m            |
+| Q5_K   | d*sc * q - dmin*m per 32, q 0..31            | 8, 32              | d*sc, 16 d*sc - dmin*m   |
 | Q6_K   | d*sc * (q - 32) per 16, q 0..63              | 8, 16              | d*sc                     |
 | IQ4_NL | d * kvalues[q] (an int8 codebook)            | 8, 32              | d                        |
 | IQ4_XS | d*(ls-32) * kvalues[q] per 32                | 8, 32              | d*(ls-32)                |
 
 The 5- and 6-bit types and the IQ4 codebook go to 8 bits (onnxruntime's CPU MatMulNBits has 2, 4 and 8 bits);
 2- and 3-bit ones to 4 bits. Products of an fp16 super-block scale and a 4-8 bit sub-block scale need up to 19
-significant bits: exact in fp32, not in fp16, so those scales stay fp32. The only rounding is the fp32 sum in
-`8 d*sc - dmin*m` (Q4_K), where the symmetric zero point is folded into the offset: half an ulp of the
-offset, as in the fp32 arithmetic of gguf's own `dequantize`.
+significant bits: exact in fp32, not in fp16, so those scales stay fp32. Types with a minimum keep their integers centred
+on the zero point (q - 8, q - 16, q - 2) and fold the shift into the offset (m + 16d, 8 d*sc - dmin*m, …): at
+accuracy level 4 onnxruntime quantizes the activations to int8, and that error is multiplied by the integers'
+mean, so uncentred 0..31 integers cost agreement (Q5_K_M SmolLM2: 92.1 % uncentred). The fp32 sum in the
+offset is the only rounding: half an ulp of the offset, as in the fp32 arithmetic of gguf's own `dequantize`.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def gguf_blocks(kind: str, raw: np.ndarray) -> QuantBlocks:
         m = _f16(b[..., 2:4])
         if kind == "Q4_1":  # w = d*q + m = d*(q - 8) + (m + 8d)
             return _blocks(4, 32, q.reshape(n, -1), d, m + 8 * d, kind)
-        return _blocks(8, 32, (q + 128).reshape(n, -1), d, m, kind)  # Q5_1: w = d*(q+128 - 128) + m
+        return _blocks(8, 32, (q + 112).reshape(n, -1), d, m + 16 * d, kind)  # Q5_1: w = d*(q - 16) + (m + 16d)
 
     b = raw.reshape(n, -1, SUPER_BLOCK_BYTES[kind])
     nb = b.shape[1]  # super-blocks of 256 per row
@@ -95,8 +97,9 @@ def gguf_blocks(kind: str, raw: np.ndarray) -> QuantBlocks:
         if kind == "Q4_K":  # w = s*q - o = s*(q - 8) + (8s - o)
             return _blocks(4, 32, q.reshape(n, -1), scale.reshape(n, -1), (8 * scale - offset).reshape(n, -1), kind)
         qh = _bits(b[..., 16:48], range(8), 1).astype(np.int16)  # [n, nb, 8, 32]: bit j of byte i -> sub-block j
-        q |= qh << 4
-        return _blocks(8, 32, (q + 128).reshape(n, -1), scale.reshape(n, -1), (-offset).reshape(n, -1), kind)
+        q |= qh << 4  # w = s*q - o = s*(q - 16) + (16s - o)
+        return _blocks(8, 32, (q + 112).reshape(n, -1), scale.reshape(n, -1), (16 * scale - offset).reshape(n, -1),
+                       kind)
     if kind == "Q6_K":  # ql[128] qh[64] scales int8[16] d
         ql = _bits(b[..., 0:128].reshape(n, nb, 2, 64), (0, 4), 0x0F).reshape(n, nb, 2, 2, 2, 32)
         qh = _bits(b[..., 128:192].reshape(n, nb, 2, 32), (0, 2, 4, 6), 3).reshape(n, nb, 2, 2, 2, 32)
@@ -116,8 +119,8 @@ def gguf_blocks(kind: str, raw: np.ndarray) -> QuantBlocks:
         d, dmin = _f16(b[..., 80:82])[..., None], _f16(b[..., 82:84])[..., None]
         scale, offset = d * (sc & 0x0F).astype(np.float32), dmin * (sc >> 4).astype(np.float32)
         q = _bits(b[..., 16:80].reshape(n, nb, 2, 32), (0, 2, 4, 6), 3).reshape(n, nb, 256).astype(np.int16)
-        # w = s*q - o = s*((q + 8) - 8) - o: q + 8 (8..11) at the symmetric zero point, no rounding
-        return _blocks(4, 16, (q + 8).reshape(n, -1), scale.reshape(n, -1), (-offset).reshape(n, -1), kind)
+        # w = s*q - o = s*(q - 2) + (2s - o)
+        return _blocks(4, 16, (q + 6).reshape(n, -1), scale.reshape(n, -1), (2 * scale - offset).reshape(n, -1), kind)
     if kind == "IQ4_XS":  # d scales_h:u16 scales_l[4] qs[128]
         d = _f16(b[..., 0:2])[..., None]
         sh = np.ascontiguousarray(b[..., 2:4]).view("<u2")  # [n, nb, 1]

@@ -36,7 +36,7 @@ def export(gguf: Path, out: Path, *extra: str) -> tuple[str, str]:
     text = run([sys.executable, "-m", "nomoat", "export", str(gguf), "-o", str(out), "--verify",
                 "--min-agreement", "0", "--force", *extra])
     weights = re.search(r"weights: (.*)", text).group(1)
-    verify = re.search(r"top-1 agreement ([\d.]+%), mean KL ([\d.]+)", text)
+    verify = re.search(r"top-1 agreement ([\d.]+%), mean KL (-?[\d.]+)", text)
     return weights, f"{verify.group(1)}, KL {verify.group(2)}"
 
 
