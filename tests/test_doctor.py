@@ -100,3 +100,22 @@ def test_doctor_on_this_machine():
     other = "raspberry-pi-5" if here.machine == "x86_64" else "x86-64-dev"
     result = CliRunner().invoke(main, ["doctor", "--profile", other])
     assert result.exit_code == 1 and "ERROR: made for" in result.output
+
+
+def test_doctor_measures_the_models_fidelity_here(exported):
+    """The export keeps the reference's top-1 choices; doctor runs the same tokens with the profile it checks and
+    reports the agreement, next to the export's own figure. A folder without them says so."""
+    verified = exported("fp32-verified", precision="fp32", verify=True)
+    ref = json.loads((verified / "nomoat.json").read_text())["verification"]
+    assert len(ref["reference"]) == 2 and ref["accuracy_level"] in (1, 4) and ref["measured_on"]
+    out = CliRunner().invoke(main, ["doctor", "--model", str(verified), "--profile", "x86-64-dev", "--json"])
+    f = json.loads(out.output)["fidelity"]
+    assert f["top1_agreement"] == 1.0 and f["tokens"] == sum(len(p["ids"]) for p in ref["reference"])
+    assert f["at_export"]["top1_agreement"] == ref["top1_agreement"]
+    text = CliRunner().invoke(main, ["doctor", "--model", str(verified), "--profile", "x86-64-dev"]).output
+    assert "fidelity     100.0% top-1 agreement with the fp32 reference, measured here" in text
+    plain = exported("fp32-plain", precision="fp32")
+    text = CliRunner().invoke(main, ["doctor", "--model", str(plain), "--profile", "x86-64-dev"]).output
+    assert "fidelity     not measured: the export kept no reference" in text
+    quiet = CliRunner().invoke(main, ["doctor", "--model", str(plain), "--profile", "x86-64-dev", "--no-fidelity"])
+    assert "fidelity" not in quiet.output
