@@ -4,8 +4,9 @@ One function per block (embedding, attention, MLP, norm, lm_head). Fused ONNX Ru
 contrib ops do the heavy lifting:
 
 - MatMulNBits: int4/int8 block-quantized linears (q/k/v fused into one, gate/up into one).
-  GGUF Q4_1 blocks (w = d*q + m) run as symmetric MatMulNBits plus a cheap correction:
-  sum over blocks of (block-sum of x) * m, one small MatMul shared by the fused linear.
+  GGUF blocks with a minimum (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K: w = s*q + m) run as symmetric MatMulNBits plus a
+  cheap correction: sum over blocks of (block-sum of x) * m, one small MatMul shared by the fused linear
+  (export/gguf_blocks.py maps every GGUF type it can onto these blocks).
 - GroupQueryAttention: rotary embedding, GQA and the KV cache in one op, fed the fused [q | k | v]
   output as it is (no Split) unless LoRA slots sit on q/k/v. The cache is a
   preallocated [1, kv_heads, max_len, head_dim] buffer that the runtime binds as both past
@@ -210,7 +211,7 @@ class LlamaBuilder:
                   accuracy_level=self.opts.accuracy_level)
         if w.mins is None:
             return y
-        # GGUF Q4_1: + sum_b blocksum(x)_b * mins[n, b]
+        # GGUF types with a minimum: + sum_b blocksum(x)_b * mins[n, b]
         corr = g.op1("MatMul", [block_sums or self.block_sums(x, w), g.init(f"{name}.mins_t", w.mins.T)])
         return g.op1("Add", [y, corr])
 
