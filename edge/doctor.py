@@ -184,11 +184,11 @@ def measure_fidelity(model: str | Path, profile: Profile, device: Device) -> dic
     from .fidelity import measure
     from .generate import Generator
 
-    here = measure(Generator(model, replace(profile, context_length=fitting_context(profile, device)),
-                             verify_files=False))
+    gen = Generator(model, replace(profile, context_length=fitting_context(profile, device)), verify_files=False)
+    here = measure(gen)
     if here is None:
         return None
-    at_export = read_manifest(model, verify_files=False).data["verification"]
+    at_export = gen.manifest.data["verification"]
     return {**here, "at_export": {k: at_export.get(k) for k in ("top1_agreement", "measured_on", "accuracy_level")}}
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import export, write_json
+from conftest import export, load_tool, write_json
 from nomoat.edge.adapters import Adapter
 from nomoat.edge.doctor import model_memory_mb
 from nomoat.edge.fidelity import teacher_forced_logits
@@ -276,10 +276,9 @@ def test_cli_export_in_a_fresh_process_converts_the_tokenizer_apart(tiny, tmp_pa
 def test_q4_0_gguf_blocks_are_imported_exactly(smollm2_gguf, tmp_path):
     """A small random Q4_0 GGUF (untied Q8_0 output): every block kept as it is, and the int4 graph
     computes what the fp32 graph of the same dequantized weights computes."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
     from nomoat.export.builder import BuildOptions
     from nomoat.export.pipeline import export_model
-    from random_llama_gguf import write_random_llama
+    write_random_llama = load_tool("random_llama_gguf").write_random_llama
 
     gguf = tmp_path / "r.gguf"
     write_random_llama(str(gguf), str(smollm2_gguf), hidden=128, ffn=256, layers=2, heads=4, kv_heads=2)
@@ -309,10 +308,8 @@ def test_every_gguf_block_type_converts_value_for_value():
     rounding (the offsets of types with a minimum are one fp32 sum); random bytes with sane fp16 scales are valid
     blocks of any type."""
     import gguf
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
     from nomoat.export.gguf_blocks import EXACT_TYPES, gguf_blocks
-    from random_llama_gguf import random_blocks
+    random_blocks = load_tool("random_llama_gguf").random_blocks
 
     rng = np.random.default_rng(0)
     for kind in EXACT_TYPES:
@@ -331,12 +328,10 @@ def test_a_gguf_of_every_block_type_exports_exactly(smollm2_gguf, tmp_path):
     manifest says so per type), and at fp32 compute (level 1) the graph gives the logits of gguf's own
     dequantized weights exported as float."""
     import gguf
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
     from nomoat.export.builder import BuildOptions
     from nomoat.export.gguf_blocks import EXACT_TYPES
     from nomoat.export.pipeline import export_model
-    from random_llama_gguf import write_random_llama
+    write_random_llama = load_tool("random_llama_gguf").write_random_llama
 
     names = iter(range(1000))
     types = lambda name: gguf.GGMLQuantizationType[EXACT_TYPES[next(names) % len(EXACT_TYPES)]]  # noqa: E731
@@ -358,11 +353,9 @@ def test_a_gguf_of_every_block_type_exports_exactly(smollm2_gguf, tmp_path):
 @pytest.mark.slow
 def test_a_gguf_type_without_an_exact_layout_is_requantized_and_says_so(smollm2_gguf, tmp_path):
     import gguf
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
     from nomoat.export.builder import BuildOptions
     from nomoat.export.pipeline import export_model
-    from random_llama_gguf import write_random_llama
+    write_random_llama = load_tool("random_llama_gguf").write_random_llama
 
     q = gguf.GGMLQuantizationType
     write_random_llama(str(tmp_path / "r.gguf"), str(smollm2_gguf), hidden=256, ffn=512, layers=2, heads=4,
@@ -405,10 +398,9 @@ def test_a_gguf_rope_freqs_tensor_is_the_llama3_scaling_of_the_hf_config():
 def test_a_llama3_style_gguf_exports_with_its_rope_freqs_and_names(smollm2_gguf, tmp_path):
     """A Llama 3.x-style GGUF on its own (no Hugging Face folder): rope_freqs is applied, the untied output
     kept, the BPE tokenizer and chat template come from the file, general.* names go to the manifest."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
     from nomoat.export.builder import BuildOptions
     from nomoat.export.pipeline import export_model
-    from random_llama_gguf import write_random_llama
+    write_random_llama = load_tool("random_llama_gguf").write_random_llama
 
     factors = llama3_rope_factors(64, 10000.0, factor=8.0, old=64)
     write_random_llama(str(tmp_path / "l3.gguf"), str(smollm2_gguf), hidden=256, ffn=512, layers=2, heads=4,
