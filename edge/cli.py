@@ -161,9 +161,11 @@ def _errors():
 @click.option("--adapter", "adapters", multiple=True, metavar="NAME[:SCALE]", help="Activate a loaded adapter.")
 @click.option("--profile", default=None, help="Device profile (file or name in firmware-configs/).")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
-@click.option("--timings", is_flag=True, help="Print token counts and speeds to stderr.")
+@click.option("--timings", is_flag=True, help="Print token counts and speeds (and drafted/accepted tokens) to stderr.")
+@click.option("--draft-tokens", type=click.IntRange(0, 16), default=None,
+              help="Speculative decoding by prompt lookup: most drafted tokens per pass (0: off; default: the profile's, 6).")
 def run(model, prompt, max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed, stop, adapter_file, adapters,
-        profile, chat, timings):
+        profile, chat, timings, draft_tokens):
     """Generate a continuation of PROMPT, streamed to stdout."""
     from .sampling import SamplingParams
 
@@ -173,7 +175,8 @@ def run(model, prompt, max_tokens, temperature, top_p, top_k, min_p, repeat_pena
                                 repetition_penalty=repeat_penalty, seed=seed)
         text = [{"role": "user", "content": prompt}] if chat else prompt
         result = None
-        for piece in gen.stream(text, max_tokens=max_tokens, params=params, stop=stop, adapters=_adapters(adapters)):
+        for piece in gen.stream(text, max_tokens=max_tokens, params=params, stop=stop, adapters=_adapters(adapters),
+                                draft_tokens=draft_tokens):
             if isinstance(piece, str):
                 click.echo(piece, nl=False)
             else:
@@ -192,7 +195,9 @@ def run(model, prompt, max_tokens, temperature, top_p, top_k, min_p, repeat_pena
 @click.option("--temperature", type=float, default=0.7, show_default=True)
 @click.option("--system", default=None, help="System message.")
 @click.option("--profile", default=None)
-def chat(model, max_tokens, temperature, system, profile):
+@click.option("--draft-tokens", type=click.IntRange(0, 16), default=None,
+              help="Speculative decoding by prompt lookup: most drafted tokens per pass (0: off; default: the profile's, 6).")
+def chat(model, max_tokens, temperature, system, profile, draft_tokens):
     """Interactive multi-turn chat (empty line or Ctrl-D to quit)."""
     from .sampling import SamplingParams
 
@@ -214,7 +219,8 @@ def chat(model, max_tokens, temperature, system, profile):
                 click.echo(f"[the {dropped} oldest messages no longer fit the context of {gen.model.max_length} "
                            "tokens: dropped]", err=True)
             result = None
-            for piece in gen.stream(history, max_tokens=max_tokens, params=SamplingParams(temperature=temperature)):
+            for piece in gen.stream(history, max_tokens=max_tokens, params=SamplingParams(temperature=temperature),
+                                    draft_tokens=draft_tokens):
                 if isinstance(piece, str):
                     click.echo(piece, nl=False)
                 else:

@@ -23,7 +23,8 @@ from .adapters import AdapterSet, read_adapter
 from .embedding import TokenEmbedding
 from .model import Model, trim_heap
 from .profile import Profile
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, choose
+from .speculate import DraftLength, lookup_draft
 from .text import TextDecoder, Tokenizer
 
 
@@ -70,6 +71,7 @@ class Generator:
         self._cached: list[int] = []  # the tokens whose keys and values the cache holds, position by position
         self._bound: tuple = ((), 0)  # (adapter selection, AdapterSet.changes) the cache was computed with
         self._prompt_logits: tuple[int, np.ndarray] | None = None  # (length, logits) of the last prompt fed
+        self.can_speculate = False
         if not self.manifest.shared_kv:
             return
         self._logits = ort.OrtValue.ortvalue_from_shape_and_type([1, 1, self.vocab], np.float32, "cpu", 0)
@@ -79,7 +81,14 @@ class Generator:
         if self.model.prefill_session:
             self._prefill_binding = self.model.prefill_session.io_binding()
             self._bindings.append(self._prefill_binding)
+        # graphs that return the logits of their last `logits_count` positions can check drafts (edge/speculate.py)
+        self.can_speculate = "logits_count" in {i.name for i in self.model.session.get_inputs()}
+        self._logits_count = ort.OrtValue.ortvalue_from_numpy(np.ones(1, np.int64))
+        self._logit_rows = {1: self._logits}  # logits buffers by row count
+        self._rows = 1
         for binding in self._bindings:
+            if self.can_speculate:
+                binding.bind_ortvalue_input("logits_count", self._logits_count)
             for buf, (past, present) in zip(self.model.kv, self.model.kv_names, strict=True):
                 binding.bind_ortvalue_input(past, buf)
                 binding.bind_ortvalue_output(present, buf)
@@ -119,9 +128,19 @@ class Generator:
             return self.embedding(tokens)[None]
         return np.array([tokens], np.int64)
 
-    def _forward(self, tokens: list[int], total: int, prefill: bool = False) -> np.ndarray:
+    def _forward(self, tokens: list[int], total: int, prefill: bool = False, rows: int = 1) -> np.ndarray:
+        """Feed tokens as positions [total - len(tokens), total); the logits after the last one [vocab], or after
+        each of the last `rows` ones [rows, vocab] (rows > 1: graphs with logits_count only)."""
         if not self.manifest.shared_kv:
             return self._forward_concat(np.array([tokens], np.int64), total)
+        if rows != self._rows:
+            if rows not in self._logit_rows:
+                self._logit_rows[rows] = ort.OrtValue.ortvalue_from_shape_and_type([1, rows, self.vocab], np.float32,
+                                                                                   "cpu", 0)
+            for binding in self._bindings:
+                binding.bind_ortvalue_output("logits", self._logit_rows[rows])
+            self._logits_count.update_inplace(np.array([rows], np.int64))
+            self._rows = rows
         if len(tokens) == 1:
             self._one_token.update_inplace(self._inputs(tokens))
             inputs = self._one_token
@@ -140,7 +159,8 @@ class Generator:
         session.run_with_iobinding(binding)
         if start == len(self._cached):  # (a write past the known tokens claims nothing)
             self._cached += tokens
-        return self._logits.numpy()[0, 0]
+        out = self._logit_rows[rows].numpy()[0]
+        return out[0] if rows == 1 else out
 
     def _forward_concat(self, ids: np.ndarray, total: int) -> np.ndarray:
         """optimum's graphs (`export --via optimum`): attention mask and positions as inputs, the cache
@@ -218,8 +238,13 @@ class Generator:
     def stream(self, prompt: str | list[int] | list[dict], max_tokens: int = 128,
                params: SamplingParams | None = None, stop: list[str] | tuple[str, ...] = (),
                adapters: tuple[tuple[str, float], ...] = (),
-               cancelled: Callable[[], bool] = lambda: False) -> Iterator[str | Result]:
-        """Yield text deltas, then one Result whose text is exactly their concatenation."""
+               cancelled: Callable[[], bool] = lambda: False,
+               draft_tokens: int | None = None) -> Iterator[str | Result]:
+        """Yield text deltas, then one Result whose text is exactly their concatenation.
+
+        draft_tokens: speculative decoding by prompt lookup, at most this many drafted tokens per pass (0: off;
+        None: the profile's). Greedy answers are the same tokens either way (up to the kernels' rounding, which
+        can differ between a one-token and a several-token pass); sampled ones keep the model's distribution."""
         params = params or SamplingParams()
         try:
             params.validate()
@@ -238,40 +263,76 @@ class Generator:
         t0 = time.perf_counter()
         logits, cached = self.prompt_logits(tokens)
         t1 = time.perf_counter()
+        most = self.draft_limit(draft_tokens)
+        length = DraftLength(most) if most else None
+        history = list(tokens)  # what the drafts are looked up in: the prompt and the answer so far
         out: list[int] = []
-        steps = 0
+        chosen = passes = drafted = accepted = 0
         finish = "length"
-        while True:
-            token = sample(logits, params, rng, seen if params.repetition_penalty != 1.0 else None)
-            if token in eos:
-                finish = "stop"
+        rows, draft = logits[None], []  # the logits to choose from, one row per drafted token + 1
+        done = False
+        while not done:
+            took = 0
+            for i, row in enumerate(rows):
+                token, ok = choose(row, params, rng, seen if params.repetition_penalty != 1.0 else None,
+                                   draft[i] if i < len(draft) else None)
+                chosen += 1
+                took += ok
+                if token in eos:
+                    finish, done = "stop", True
+                    break
+                out.append(token)
+                history.append(token)
+                if params.repetition_penalty != 1.0:
+                    seen = np.append(seen, token)
+                delta = decoder.add(token)
+                if delta:
+                    yield delta
+                if decoder.stopped:
+                    finish, done = "stop", True
+                elif len(out) >= budget:
+                    done = True
+                elif cancelled():
+                    finish, done = "cancelled", True
+                if done or not ok:
+                    break
+            accepted += took
+            if done:
                 break
-            out.append(token)
-            if params.repetition_penalty != 1.0:
-                seen = np.append(seen, token)
-            delta = decoder.add(token)
-            if delta:
-                yield delta
-            if decoder.stopped:
-                finish = "stop"
-                break
-            if len(out) >= budget:
-                break
-            if cancelled():
-                finish = "cancelled"
-                break
-            logits = self.decode_one_token(token, len(tokens) + len(out) - 1)
-            steps += 1
+            if length:
+                length.update(len(draft), took)
+            position = len(tokens) + len(out) - 1  # where `token` goes
+            room = min(budget - len(out), self.model.max_length - position) - 1  # tokens a pass may add
+            draft = lookup_draft(history, min(length.now, room)) if length and room > 0 else []
+            began = time.perf_counter()
+            if draft:
+                rows = self._forward([token, *draft], position + 1 + len(draft), rows=len(draft) + 1)
+                drafted += len(draft)
+            else:
+                rows = self.decode_one_token(token, position)[None]
+            if length:
+                length.timed(len(rows), time.perf_counter() - began)
+            passes += 1
         t2 = time.perf_counter()
         tail = decoder.flush()
         if tail:
             yield tail
         fed = len(tokens) - cached
-        yield Result(decoder.text, out, finish, len(tokens), {
+        steps = chosen - 1  # tokens chosen after the first, which the prompt's logits gave
+        timings = {
             "prefill_s": round(t1 - t0, 4), "decode_s": round(t2 - t1, 4), "cached_tokens": cached,
             "prefill_tok_s": round(fed / (t1 - t0), 1) if fed else 0.0,  # of the tokens fed
             "decode_tok_s": round(steps / (t2 - t1), 1) if steps else 0.0,
-        })
+        }
+        if length:
+            timings.update({"passes": passes, "drafted": drafted, "accepted": accepted})
+        yield Result(decoder.text, out, finish, len(tokens), timings)
+
+    def draft_limit(self, draft_tokens: int | None) -> int:
+        """Most tokens a pass may draft: the request's, else the profile's; 0 where the graph cannot check drafts
+        (exported before logits_count, or optimum's)."""
+        most = self.model.profile.draft_tokens if draft_tokens is None else draft_tokens
+        return max(0, most) if self.can_speculate else 0
 
     def generate(self, prompt, **kw) -> Result:
         *_, result = self.stream(prompt, **kw)

@@ -63,6 +63,33 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
     return i if ids is None else int(ids[i])
 
 
+def choose(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, seen: np.ndarray | None,
+           draft: int | None) -> tuple[int, bool]:
+    """The next token where a draft proposed `draft`, and whether it is the draft (speculative sampling).
+
+    Greedy: the most probable token, accepted when it is the draft. Sampling: the draft is taken with probability
+    p(draft), else a token is drawn from p without the draft (renormalized). The drafts here are deterministic
+    (q(draft) = 1), and for that Leviathan et al.'s rule min(1, p/q), with max(0, p - q) on refusal, is exactly
+    this: every token comes out with probability p, as plain sampling gives."""
+    if draft is None:
+        return sample(logits, params, rng, seen), False
+    z = penalized(logits, params, seen)
+    if params.temperature <= 0.0:
+        token = int(np.argmax(z))
+        return token, token == draft
+    ids, w = _kept(z, params)
+    at = np.flatnonzero(ids == draft) if ids is not None else np.array([draft])
+    total = float(w.sum(dtype=np.float64))
+    if len(at) and rng.random() * total < float(w[at[0]]):
+        return draft, True
+    if len(at):
+        w[at[0]] = 0.0  # (w is ours: penalized made a copy, and ids picked one)
+    if not w.any():  # the draft was the only token possible (its probability 1): unreachable refusal
+        return draft, True
+    i = _draw(w, rng.random())
+    return (i if ids is None else int(ids[i])), False
+
+
 def _kept(z: np.ndarray, params: SamplingParams) -> tuple[np.ndarray | None, np.ndarray]:
     """The ids the filters keep (None: every token) and their unnormalized probabilities; `z` (float32 logits)
     becomes the weights.

@@ -22,9 +22,9 @@ file (edge/embedding.py; where they are is in nomoat.json) and feeds their float
 
 Graph interface (recorded in nomoat.json):
   inputs  inputs_embeds float32 [1, S, hidden], seqlens_k int32 [1] (= total length - 1),
-          total_sequence_length int32 [], past_key_values.{i}.key/value,
+          total_sequence_length int32 [], logits_count int64 [1], past_key_values.{i}.key/value,
           and for LoRA slots lora.{i}.{target}.A [K, r] / lora.{i}.{target}.B [r, N] (r may be 0)
-  outputs logits float32 [1, 1, vocab] (last position only), present.{i}.key/value
+  outputs logits float32 [1, n, vocab] (the last n = logits_count positions), present.{i}.key/value
 """
 
 from __future__ import annotations
@@ -317,9 +317,13 @@ class LlamaBuilder:
             x, residual = self.norm(attn, residual, f"model.layers.{i}.post_attention_layernorm.weight")
             out = self.mlp(x, i)
         x, _ = self.norm(out, residual, "model.norm.weight")
-        last = g.op1("Slice", [x, g.const([-1]), g.const([2**62]), g.const([1])])
+        # logits for the last `logits_count` positions only: 1 for a prompt or a decode step, 1 + the drafted
+        # tokens when a speculative step checks a draft (edge/speculate.py)
+        g.inputs.append(helper.make_tensor_value_info("logits_count", TensorProto.INT64, [1]))
+        last = g.op1("Slice", [x, g.op1("Neg", ["logits_count"]), g.const([2**62]), g.const([1])])
         g.op("Identity", [self.lm_head(last, head_bits)], outs=["logits"])
-        g.outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1, c.vocab_size]))
+        g.outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                                          [1, "logits_count", c.vocab_size]))
         return g.model()
 
     def lm_head_bits(self) -> int:

@@ -158,8 +158,8 @@ def write_manifest(folder: Path, ckpt, opts: BuildOptions, weight_kinds: dict[st
             "file": "model.onnx",
             "kind": "optimum" if optimum else "nomoat",
             "inputs": ["input_ids", "attention_mask", "position_ids"] if optimum
-            else ["inputs_embeds", "seqlens_k", "total_sequence_length"],
-            "logits": "every position, [1, S, vocab]" if optimum else "last position only, [1, 1, vocab]",
+            else ["inputs_embeds", "seqlens_k", "total_sequence_length", "logits_count"],
+            "logits": "every position, [1, S, vocab]" if optimum else "the last logits_count positions, [1, n, vocab]",
         },
         # the token embedding's tables in the weights file, which the runtime reads rows of (edge/embedding.py)
         **({"embedding": {"file": "model.onnx.data", **embedding}} if embedding else {}),

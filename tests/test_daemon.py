@@ -168,6 +168,7 @@ def test_request_reply_with_response_topic_and_correlation(broker, daemon):
     assert "".join(m["delta"] for m in chunks) == final["text"]
     assert final["usage"]["completion_tokens"] <= 12 and final["finish_reason"] in ("stop", "length")
     assert final["text"] == Generator(daemon.gen.model.folder).generate("The capital", max_tokens=12).text
+    assert {"passes", "drafted", "accepted"} <= final["timings"].keys()  # speculative decoding, on by default
     # the same prompt again: the device's cache holds it, and the answer is the same
     c.send("nomoat/f/d1/prompt", {"id": "r1b", "prompt": "The capital", "max_tokens": 12})
     again = c.until_done("r1b")[-1][1]
@@ -212,6 +213,7 @@ def test_queue_full_replies_busy_and_cancel(broker, model):
     d = Daemon(Generator(model), profile(broker, queue_size=1))
     # hold the worker inside its first request (the real model still runs) so the queue state is known
     gate, real_step = threading.Event(), d.gen.decode_one_token
+    d.gen.model.profile.draft_tokens = 0  # every token through decode_one_token (no drafted passes)
     d.gen.decode_one_token = lambda *a: (gate.wait(20), real_step(*a))[1]
     d.start()
     wait_status(broker, "d1", "online")
@@ -497,6 +499,7 @@ def test_error_codes_come_from_the_error_not_its_wording(broker, exported):
 def gated(d: Daemon, seconds_per_token: float = 0.0) -> threading.Event:
     """Hold the daemon's generation before each token until the returned event is set (or slow it down)."""
     gate, real_step = threading.Event(), d.gen.decode_one_token
+    d.gen.model.profile.draft_tokens = 0  # every token through decode_one_token (no drafted passes)
 
     def step(*a):
         gate.wait(20)

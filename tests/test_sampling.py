@@ -80,3 +80,37 @@ def test_greedy_and_the_repetition_penalty():
     # token 1 seen: 3 / 2 = 1.5 < 2; a negative logit is multiplied, so it falls further
     assert sample(logits, SamplingParams(repetition_penalty=2.0), rng, np.array([1, 1, 3])) == 2
     assert logits[1] == 3.0  # the caller's logits are left alone
+
+
+@pytest.mark.parametrize("params, draft", [
+    (SamplingParams(temperature=1.0), 3),  # the most probable token drafted
+    (SamplingParams(temperature=0.8, top_k=5), 7),  # a token the filters may drop
+    (SamplingParams(temperature=1.0, top_p=0.9), 0),
+])
+def test_choosing_a_drafted_token_keeps_the_distribution(params, draft):
+    """Speculative sampling of a deterministic draft: taken with probability p(draft), else a draw without it;
+    each token must still come out with its probability p (Leviathan et al.). 20000 draws within 5 sigma."""
+    from nomoat.edge.sampling import choose
+
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal(12).astype(np.float32) * 1.5
+    logits[3] += 2
+    ids, probs = distribution(logits, params)
+    n = 20000
+    draws = [choose(logits, params, rng, None, draft) for _ in range(n)]
+    counts = np.bincount([t for t, _ in draws], minlength=12)
+    expected = np.zeros(12)
+    expected[ids] = probs * n
+    assert np.all(np.abs(counts - expected) < 5 * np.sqrt(expected) + 1)
+    taken = sum(ok for _, ok in draws)
+    assert taken == counts[draft] and all(ok == (t == draft) for t, ok in draws)
+
+
+def test_choosing_greedily_takes_the_draft_only_when_it_is_the_best():
+    from nomoat.edge.sampling import choose
+
+    logits = np.array([1.0, 3.0, 2.0], np.float32)
+    rng = np.random.default_rng(0)
+    assert choose(logits, SamplingParams(), rng, None, 1) == (1, True)
+    assert choose(logits, SamplingParams(), rng, None, 2) == (1, False)
+    assert choose(logits, SamplingParams(), rng, None, None) == (1, False)

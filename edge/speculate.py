@@ -1,0 +1,82 @@
+"""Speculative decoding by prompt lookup: guess the next few tokens from the text so far, check them in one pass.
+
+A decode step reads every weight to produce one token; a pass over 1 + k tokens reads them once for all k + 1
+(the graph returns logits for its last `logits_count` positions). When the answer copies from its input (extract
+to JSON, rewrite, summarise, edit code, answer from a context), the tokens that followed the last few tokens
+earlier in the prompt or the answer are often the next ones: that is the draft (Saxena's prompt lookup decoding,
+llama.cpp's `llama-lookup`). The model's own choice at each drafted position decides (sampling.choose); the first
+position where it differs ends the step, and the cache positions past it are simply written over by the next pass.
+
+The draft length adapts: it grows while drafts are taken whole and shrinks when they are refused, so text with
+nothing to copy (a story) pays for short drafts only, and no draft at all when the context has no match.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+NGRAMS = (3, 2, 1)  # the longest match of the last 3, 2 or 1 tokens wins
+
+
+def lookup_draft(history: list[int] | np.ndarray, n: int) -> list[int]:
+    """Up to n tokens that followed the latest earlier occurrence of the history's last 3 (else 2, else 1)
+    tokens; [] when there is none."""
+    h = np.asarray(history, dtype=np.int64)
+    if n < 1 or len(h) < 2:
+        return []
+    for size in NGRAMS:
+        if len(h) <= size:
+            continue
+        windows = np.lib.stride_tricks.sliding_window_view(h[:-1], size)  # every earlier n-gram, ending before
+        hits = np.flatnonzero((windows == h[-size:]).all(axis=1))
+        if len(hits):
+            start = int(hits[-1]) + size  # the latest occurrence: the text's current phrasing
+            return h[start:start + n].tolist()
+    return []
+
+
+class DraftLength:
+    """How many tokens to draft next: the k that maximizes the expected tokens per pass over the pass's cost.
+
+    With a per-token acceptance rate a, a draft of k gives (1 - a^(k+1)) / (1 - a) tokens for a pass that costs
+    1 + beta*k single steps. a is learnt from the drafts (an average that forgets), beta from the passes' own
+    timings (`timed`). Text with nothing to copy drives a down until drafting stops (k = 0); while it does not
+    draft, a drifts back towards its prior, so a later passage that copies is found again."""
+
+    PRIOR = 0.5
+    FORGET = 0.8  # weight of the past in the acceptance average, per draft
+    RELAX = 0.97  # per pass without a draft: how slowly the past fades towards the prior
+
+    def __init__(self, most: int, beta: float = 0.15):
+        self.most, self.beta = most, beta
+        self.hits, self.trials = self.PRIOR * 2, 2.0  # the prior, worth two tokens
+        self.step_s = self.extra_s = 0.0  # seconds of a one-token pass; of each further token in a pass
+
+    @property
+    def rate(self) -> float:
+        return self.hits / self.trials
+
+    @property
+    def now(self) -> int:
+        a = min(self.rate, 0.99)
+        gain = [(1 - a ** (k + 1)) / (1 - a) / (1 + self.beta * k) for k in range(self.most + 1)]
+        return int(np.argmax(gain))
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if not drafted:
+            self.hits = self.PRIOR * 2 + (self.hits - self.PRIOR * 2) * self.RELAX
+            self.trials = 2.0 + (self.trials - 2.0) * self.RELAX
+            return
+        # the tokens taken, and the one refused if any: a geometric count of trials
+        self.hits = self.hits * self.FORGET + accepted
+        self.trials = self.trials * self.FORGET + accepted + (accepted < drafted)
+
+    def timed(self, rows: int, seconds: float) -> None:
+        """A pass of `rows` tokens took `seconds`: refine beta (the cost of a drafted token in single steps)."""
+        if rows == 1:
+            self.step_s = seconds if not self.step_s else 0.9 * self.step_s + 0.1 * seconds
+        elif self.step_s:
+            extra = max(0.0, seconds - self.step_s) / (rows - 1)
+            self.extra_s = extra if not self.extra_s else 0.9 * self.extra_s + 0.1 * extra
+        if self.step_s and self.extra_s:
+            self.beta = self.extra_s / self.step_s
