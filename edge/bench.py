@@ -1,7 +1,8 @@
 """`nomoat bench`: the figures that matter on a device, measured the same way every time.
 
 prefill: tokens/s for a 128-token prompt; decode: tokens/s for 128 new tokens after a short
-prompt; decode at ~1000 tokens of context; load time; peak RSS of this process, and its RSS after
+prompt; decode at ~1000 tokens of context; a grounded task (rewrite a paragraph, greedy) decoded plainly and
+with speculative prompt lookup (edge/speculate.py); load time; peak RSS of this process, and its RSS after
 the work (the peak can be the load's: onnxruntime reads the weights twice while it prepacks them).
 """
 
@@ -35,6 +36,23 @@ def decode_speed(gen: Generator, start: int, n: int) -> float:
     return n / (time.perf_counter() - t)
 
 
+REWRITE = ("Rewrite this text in the past tense, keeping every fact.\n\nThe Raspberry Pi 5 has a quad-core Arm "
+           "Cortex-A76 processor running at 2.4 GHz. It comes with between 4 and 16 GB of memory, two micro-HDMI "
+           "ports, a PCIe interface and a power button. It costs 60 dollars for the 4 GB model.")
+
+
+def grounded_speed(gen: Generator, draft_tokens: int) -> tuple[float, float]:
+    """(decode tokens/s, tokens per pass) of a greedy answer to REWRITE (as a chat where the model has a template)."""
+    try:
+        prompt = gen.encode([{"role": "user", "content": REWRITE}])
+    except GenerationError:
+        prompt = gen.encode(REWRITE)
+    prompt = prompt[-(gen.model.max_length // 2):]  # (a tiny test model's context)
+    r = gen.generate(prompt, max_tokens=96, draft_tokens=draft_tokens)
+    steps = len(r.tokens) - 1 + (r.finish_reason == "stop")
+    return r.timings["decode_tok_s"], steps / max(1, r.timings.get("passes", steps))
+
+
 def current_rss_mib() -> float | None:
     """This process's resident memory now (Linux/Android; None elsewhere)."""
     try:
@@ -57,7 +75,8 @@ def bench_model(folder, profile: Profile, runs: int = 5, long_context: int = 100
     if gen.model.max_length < 200:
         raise GenerationError(f"the context limit {gen.model.max_length} is too short for the benchmark (200+)")
     long_context = min(long_context, gen.model.max_length - 40)
-    prefill, decode, decode_long = [], [], []
+    prefill, decode, decode_long, plain, lookup, per_pass = [], [], [], [], [], []
+    draft = gen.draft_limit(None) or 6
     gen.prefill(rng.integers(low, vocab, 16).tolist())  # warm-up
     for _ in range(runs):
         ids = rng.integers(low, vocab, 128).tolist()
@@ -68,6 +87,11 @@ def bench_model(folder, profile: Profile, runs: int = 5, long_context: int = 100
         decode.append(decode_speed(gen, 8, 128))
         gen.prefill(rng.integers(low, vocab, long_context).tolist())
         decode_long.append(decode_speed(gen, long_context, 32))
+        if gen.can_speculate:
+            plain.append(grounded_speed(gen, 0)[0])
+            speed, tokens = grounded_speed(gen, draft)
+            lookup.append(speed)
+            per_pass.append(tokens)
     # the peak of one load and the work above, as on a device; more loads (for the load time) come after it
     # because a reload's freed memory stays in the process and would count twice
     rss_after = current_rss_mib()
@@ -86,6 +110,8 @@ def bench_model(folder, profile: Profile, runs: int = 5, long_context: int = 100
         "prefill_128_tok_s": _stats(prefill),
         "decode_128_tok_s": _stats(decode),
         f"decode_at_{long_context}_tok_s": _stats(decode_long),
+        **({"rewrite_plain_tok_s": _stats(plain), f"rewrite_lookup_{draft}_tok_s": _stats(lookup),
+            "rewrite_lookup_tokens_per_pass": _stats(per_pass)} if plain else {}),
         "peak_rss_mib": round(peak_rss, 1),
         "rss_after_mib": rss_after,
         "providers": providers,
@@ -102,10 +128,10 @@ def format_table(report: dict) -> str:
              f"{report['kv_dtype']} KV cache of {report['context_length']} tokens)"]
     for key, value in report.items():
         if isinstance(value, dict) and "median" in value:
-            lines.append(f"  {key:24s} median {value['median']:>8}  min {value['min']:>8}  max {value['max']:>8}")
-    lines.append(f"  {'peak_rss_mib':24s} {report['peak_rss_mib']}")
-    lines.append(f"  {'rss_after_mib':24s} {report['rss_after_mib']}")
-    lines.append(f"  {'fidelity':24s} {describe_verification(report.get('verification'))}")
+            lines.append(f"  {key:30s} median {value['median']:>8}  min {value['min']:>8}  max {value['max']:>8}")
+    lines.append(f"  {'peak_rss_mib':30s} {report['peak_rss_mib']}")
+    lines.append(f"  {'rss_after_mib':30s} {report['rss_after_mib']}")
+    lines.append(f"  {'fidelity':30s} {describe_verification(report.get('verification'))}")
     return "\n".join(lines)
 
 

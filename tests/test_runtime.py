@@ -562,8 +562,10 @@ def test_cli_bench_reports_every_figure(int4):
     result = CliRunner().invoke(main, ["bench", str(int4), "--runs", "1", "--long-context", "64", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    for key in ("prefill_128_tok_s", "decode_128_tok_s", "decode_at_64_tok_s"):
+    for key in ("prefill_128_tok_s", "decode_128_tok_s", "decode_at_64_tok_s", "rewrite_plain_tok_s",
+                "rewrite_lookup_6_tok_s"):
         assert report[key]["median"] > 0
+    assert report["rewrite_lookup_tokens_per_pass"]["median"] >= 1
     assert report["load_s"]["median"] >= 0  # the tiny model loads in milliseconds
     assert report["peak_rss_mib"] > 0
     assert 0 < report["rss_after_mib"] <= report["peak_rss_mib"] or sys.platform != "linux"
