@@ -16,6 +16,7 @@ jinja2) go to .cache/llamacpp/pydeps. Prints one line per engine: agreement, tok
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import subprocess
@@ -44,17 +45,20 @@ def passages_of(text: str, tokenizer, tokens: int, passage: int) -> list[list[in
     return [ids[i:i + passage] for i in range(0, len(ids), passage)]
 
 
-def llama_cpp_logits(gguf: Path, sdist: Path, passages: list[list[int]]) -> np.ndarray:
+def llama_cpp_env(sdist: Path) -> dict:
+    """The environment in which `import llama_cpp` loads the sdist's sources over its natively built libllama
+    (its Python dependencies installed once into .cache/llamacpp/pydeps)."""
     deps = ROOT / ".cache" / "llamacpp" / "pydeps"
     if not (deps / "diskcache").exists():
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(deps), "diskcache", "jinja2"],
                        check=True)
-    env = {**os.environ, "PYTHONPATH": f"{sdist}{os.pathsep}{deps}",
-           "LLAMA_CPP_LIB_PATH": str(sdist / "vendor" / "llama.cpp" / "build" / "bin")}
-    done = subprocess.run([sys.executable, "-c", LLAMA_SCRIPT, str(gguf)], input=json.dumps(passages).encode(),
-                          capture_output=True, env=env, check=True)
-    import io
+    return {**os.environ, "PYTHONPATH": f"{sdist}{os.pathsep}{deps}",
+            "LLAMA_CPP_LIB_PATH": str((sdist / "vendor" / "llama.cpp" / "build" / "bin").resolve())}
 
+
+def llama_cpp_logits(gguf: Path, sdist: Path, passages: list[list[int]]) -> np.ndarray:
+    done = subprocess.run([sys.executable, "-c", LLAMA_SCRIPT, str(gguf)], input=json.dumps(passages).encode(),
+                          capture_output=True, env=llama_cpp_env(sdist), check=True)
     return np.load(io.BytesIO(done.stdout))
 
 

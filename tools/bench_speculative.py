@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -53,15 +52,11 @@ json.dump(out, sys.stdout)
 
 def llama_cpp(gguf: Path, sdist: Path, prompts: list[list[int]], eos: list[int], lookup: bool, threads: int,
               max_tokens: int) -> list[dict]:
-    deps = ROOT / ".cache" / "llamacpp" / "pydeps"
-    if not (deps / "diskcache").exists():
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(deps), "diskcache", "jinja2"],
-                       check=True)
-    env = {**os.environ, "PYTHONPATH": f"{sdist}{os.pathsep}{deps}",
-           "LLAMA_CPP_LIB_PATH": str((sdist / "vendor" / "llama.cpp" / "build" / "bin").resolve())}
+    from agreement import llama_cpp_env  # tools/, beside this script
+
     done = subprocess.run([sys.executable, "-c", LLAMA_SCRIPT, str(gguf), "1" if lookup else "0", str(threads),
                            str(max_tokens)], input=json.dumps({"prompts": prompts, "eos": eos}), text=True,
-                          capture_output=True, env=env)
+                          capture_output=True, env=llama_cpp_env(sdist))
     if done.returncode:
         sys.exit(f"llama.cpp run failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout)
