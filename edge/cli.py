@@ -115,6 +115,84 @@ def adapter_pack(peft_dir, model_dir, output, name, version, dtype):
                f"{info['bytes'] / 1e6:.2f} MB, {len(info['slots'])} slots")
 
 
+@main.command()
+@click.argument("base", type=click.Path())
+@click.option("--data", required=True, type=click.Path(), help="JSONL: {prompt, completion} or {messages} per line.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="PEFT adapter folder to write.")
+@click.option("--for", "model_folder", type=click.Path(), default=None,
+              help="The device's model folder (exported with --lora-slots): its tokenizer, slot targets and rank.")
+@click.option("--rank", type=int, default=8, show_default=True)
+@click.option("--alpha", type=float, default=None, help="LoRA alpha [default: 2 x rank].")
+@click.option("--targets", default=None, help="Comma-separated [default: the --for model's slots, else q,k,v,o].")
+@click.option("--epochs", type=float, default=3.0, show_default=True)
+@click.option("--steps", type=int, default=0, help="Train this many steps instead of --epochs.")
+@click.option("--learning-rate", "--lr", "learning_rate", type=float, default=1e-3, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--max-length", type=int, default=512, show_default=True, help="Tokens per example (longer are cut).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--eval-split", type=float, default=0.1, show_default=True, help="Share of the examples held out.")
+@click.option("--samples", type=int, default=3, show_default=True,
+              help="Held-out prompts answered by the base and the adapted model, side by side.")
+@click.option("--device", "train_device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True, help="auto: a GPU when torch sees one.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--push", is_flag=True, help="Then pack for --for, sign with --key and push to the fleet.")
+@click.option("--name", default=None, help="For --push: the adapter's name [default: the output folder's].")
+@click.option("--key", type=click.Path(), default=None, help="For --push: the operator's signing key.")
+@click.option("--fleet", "fleet_name", default=None, help="For --push [default: config file].")
+@click.option("--broker", default=None, help="For --push [default: config file].")
+@click.option("--config", "config_file", default=None, envvar="NOMOAT_CONFIG", type=click.Path(),
+              help="For --push: the operator's config file, as `nomoat fleet --config`.")
+@click.option("--version", "version", type=int, default=None,
+              help="For --push [default: one above every version of NAME the broker shows].")
+@click.option("--activate", is_flag=True, help="For --push: make it the devices' default adapter.")
+@click.option("--wait-for", type=int, default=0, metavar="N", help="For --push: wait until N devices report it.")
+@click.option("--timeout", type=float, default=300.0, show_default=True)
+def tune(base, data, output, model_folder, rank, alpha, targets, epochs, steps, learning_rate, batch_size, max_length,
+         seed, eval_split, samples, train_device, force, quiet, push, name, key, fleet_name, broker, config_file,
+         version, activate, wait_for, timeout):
+    """Train a LoRA adapter on BASE (a Hugging Face folder or the GGUF the device model came from) with your
+    examples; writes a PEFT folder that `adapter pack` and `export --lora` take as it is."""
+    if push and not (model_folder and key):
+        _fail(ValueError("--push needs --for MODEL_FOLDER (the adapter is packed for its slots) and --key"))
+    if push:
+        _adapter_name(None, None, name or Path(output).name)
+    try:
+        from nomoat.export.sources import ExportError
+        from nomoat.export.tune import TuneOptions, format_report
+        from nomoat.export.tune import tune as run_tune
+    except ImportError as e:
+        _fail(RuntimeError(f"tune needs the host extras: pip install 'nomoat[export]' ({e})"))
+    opts = TuneOptions(rank=rank, alpha=alpha if alpha is not None else 2.0 * rank, epochs=epochs, steps=steps,
+                       targets=tuple(t.strip() for t in targets.split(",") if t.strip()) if targets else (),
+                       learning_rate=learning_rate, batch_size=batch_size, max_length=max_length, seed=seed,
+                       eval_split=eval_split, samples=samples, device=train_device)
+    try:
+        report = run_tune(base, data, output, opts, model_folder, force=force, log=lambda m: click.echo(m, err=True),
+                          progress=not quiet)
+    except ExportError as e:
+        _fail(e)
+    click.echo(format_report(report, Path(output)))
+    if not push:
+        return
+    from nomoat.export.packing import pack_adapter
+
+    from .adapters import AdapterError
+    from .client import next_version
+    from .manifest import ModelError
+
+    name = name or Path(output).name
+    settings = _fleet_settings(broker, fleet_name, config_file)
+    try:
+        version = version if version is not None else next_version(settings, name)
+        packed = Path(output) / f"{name}-v{version}.onnx_adapter"
+        pack_adapter(Path(output), Path(model_folder), packed, name=name, version=version)
+    except (ExportError, AdapterError, ModelError, ConnectionError, OSError) as e:
+        _fail(e)
+    _push_adapter(packed, name, version, Path(key), settings, activate, wait_for=wait_for, timeout=timeout)
+
+
 def _generator(model, profile, adapter_files=()):
     from .generate import Generator
     from .profile import Profile, load_profile
@@ -438,17 +516,19 @@ def fleet(ctx, prefix, config_file) -> None:
     ctx.obj = {"prefix": prefix, "config": config_file}
 
 
-def _fleet_settings(broker, fleet_name):
-    """The operator's MQTT settings: the config file's [mqtt] (credentials, TLS), then the flags."""
+def _fleet_settings(broker, fleet_name, config=None, prefix=None):
+    """The operator's MQTT settings: the config file's [mqtt] (credentials, TLS), then the flags (the `fleet`
+    group's --config and --prefix when called under it)."""
     from .config import settings
 
-    opts = click.get_current_context().find_object(dict)
+    opts = click.get_current_context().find_object(dict) or {}
+    config, prefix = config or opts.get("config"), prefix or opts.get("prefix")
     try:
-        mqtt = settings(config=opts["config"], broker=broker, fleet=fleet_name).mqtt
+        mqtt = settings(config=config, broker=broker, fleet=fleet_name).mqtt
     except _errors() as e:
         _fail(e)
-    if opts["prefix"]:
-        mqtt.prefix = opts["prefix"]
+    if prefix:
+        mqtt.prefix = prefix
     if not mqtt.fleet or mqtt.fleet == "default" and not fleet_name:
         _fail(ValueError("which fleet? Give --fleet (or [mqtt] fleet in the config file)"))
     return mqtt
@@ -487,21 +567,32 @@ def _adapter_name(ctx, param, value):
 def fleet_push(adapter_file, name, fleet_name, broker, key, version, activate, scale, chunk_size, expires_in,
                wait_for, timeout):
     """Publish a signed manifest and the adapter in retained chunks."""
-    import time
+    _push_adapter(Path(adapter_file), name, version, Path(key), _fleet_settings(broker, fleet_name), activate, scale,
+                  chunk_size, expires_in, wait_for, timeout)
 
+
+def _adapter_meta(adapter_file: Path) -> dict:
     import onnxruntime as ort
+
+    params = ort.AdapterFormat.read_adapter(str(adapter_file)).get_parameters()
+    meta = json.loads(params["nomoat.meta"].numpy().tobytes()) if "nomoat.meta" in params else {}
+    if "base_model_hash" not in meta:
+        _fail(ValueError(f"{adapter_file} is not a nomoat adapter (use `nomoat adapter pack`)"))
+    return meta
+
+
+def _push_adapter(adapter_file: Path, name: str, version: int | None, key: Path, settings, activate=False,
+                  scale=1.0, chunk_size=128 * 1024, expires_in=None, wait_for=0, timeout=300.0) -> None:
+    """`fleet push` (and `tune --push`): sign, chunk, publish retained; with wait_for, watch the devices."""
+    import time
 
     from .client import publish_all, push_and_watch
     from .fleet import build_push, load_key
 
-    params = ort.AdapterFormat.read_adapter(adapter_file).get_parameters()
-    meta = json.loads(params["nomoat.meta"].numpy().tobytes()) if "nomoat.meta" in params else {}
-    if "base_model_hash" not in meta:
-        _fail(ValueError(f"{adapter_file} is not a nomoat adapter (use `nomoat adapter pack`)"))
+    meta = _adapter_meta(adapter_file)
     version = version if version is not None else int(meta.get("version", 1))
-    manifest, chunks = build_push(Path(adapter_file), name, version, meta["base_model_hash"], load_key(Path(key)),
+    manifest, chunks = build_push(adapter_file, name, version, meta["base_model_hash"], load_key(key),
                                   chunk_size, activate, scale, time.time() + expires_in if expires_in else None)
-    settings = _fleet_settings(broker, fleet_name)
     base = _adapter_topic(settings, name)
     messages = [(f"{base}/{version}/{i}", c) for i, c in enumerate(chunks)]
     messages.append((base, json.dumps(manifest).encode()))  # manifest last: chunks are there when it lands

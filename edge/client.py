@@ -135,8 +135,9 @@ def push_and_watch(settings: MqttSettings, messages: list[tuple[str, bytes]], na
     return sorted(results.values(), key=lambda e: e["seconds"])
 
 
-def collect_retained(settings: MqttSettings, topic: str, seconds: float = 2.0) -> dict[str, dict]:
-    """Retained JSON messages under a topic filter, by topic."""
+def collect_retained(settings: MqttSettings, topic: str | list[str], seconds: float = 2.0) -> dict[str, dict]:
+    """Retained JSON messages under a topic filter (or several), by topic."""
+    filters = [topic] if isinstance(topic, str) else topic
     client = make_client(settings, f"nomoat-op-{uuid.uuid4().hex[:8]}", persistent=False)
     found: dict[str, dict] = {}
 
@@ -146,7 +147,7 @@ def collect_retained(settings: MqttSettings, topic: str, seconds: float = 2.0) -
         except ValueError:
             pass
 
-    client.on_connect = lambda c, u, f, r, p: c.subscribe(topic, qos=1)
+    client.on_connect = lambda c, u, f, r, p: c.subscribe([(t, 1) for t in filters])
     client.on_message = on_message
     connect(client, settings)
     client.loop_start()
@@ -156,3 +157,21 @@ def collect_retained(settings: MqttSettings, topic: str, seconds: float = 2.0) -
     client.disconnect()
     client.loop_stop()
     return found
+
+
+def next_version(settings: MqttSettings, name: str, seconds: float = 2.0) -> int:
+    """One above every version of adapter `name` the broker still shows: the retained manifest's and each
+    device's retained status (installed, last push). Devices refuse a push not above the highest they installed."""
+    topics = Topics(settings.prefix, settings.fleet, "+")
+    found = collect_retained(settings, [topics.adapter(name), topics.status], seconds)
+    versions = [0]
+    for msg in found.values():
+        if msg.get("name") == name and isinstance(msg.get("version"), int):
+            versions.append(msg["version"])
+        installed = msg.get("installed")
+        if isinstance(installed, dict) and isinstance(installed.get(name), int):
+            versions.append(installed[name])
+        last = msg.get("last_push")
+        if isinstance(last, dict) and last.get("name") == name and isinstance(last.get("version"), int):
+            versions.append(last["version"])
+    return max(versions) + 1

@@ -1,0 +1,428 @@
+"""`nomoat tune`: train a LoRA adapter on your own examples (host side: torch + peft + transformers).
+
+Data is JSONL, one example per line, in either of the two forms TRL's SFT trainer takes:
+  {"prompt": "...", "completion": "..."}   plain text, as `nomoat run MODEL PROMPT` sends it; the loss is on the
+                                            completion and the end-of-sequence token after it
+  {"messages": [{"role": ..., "content": ...}, ...]}
+                                            the model's chat template, as `nomoat chat` and `ask --chat` send it;
+                                            the loss is on the assistant turns (with their end marker) only
+Text is tokenized by the device runtime's own tokenizer and template code (edge/text.py), each part the way
+the device will see it: the prompt part alone, then the part the model must write.
+
+The loop is plain PyTorch: AdamW on the LoRA weights only, linear warm-up, cosine decay, gradient clipping.
+The base is a Hugging Face folder or a GGUF file (transformers dequantizes it to fp32, as `export --verify` does).
+The result is a normal PEFT folder, which `nomoat adapter pack` and `nomoat export --lora` take as it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from nomoat.edge.manifest import Manifest, ModelError, read_manifest
+from nomoat.edge.text import Tokenizer
+
+from .builder import TARGETS
+from .sources import ExportError, open_checkpoint
+
+IGNORE = -100  # the label of a token the loss does not count
+
+
+@dataclass
+class TuneOptions:
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ()  # () = the --for model's slot targets, else q,k,v,o as `export --lora-slots`
+    epochs: float = 3.0
+    steps: int = 0  # > 0 overrides epochs
+    learning_rate: float = 1e-3
+    batch_size: int = 8
+    max_length: int = 512
+    seed: int = 0
+    eval_split: float = 0.1  # share of the examples held out (at least one when there are 10 or more)
+    samples: int = 3  # held-out prompts answered by the base and the adapted model side by side
+    sample_tokens: int = 48
+    device: str = "auto"
+
+
+@dataclass
+class Example:
+    """Text parts in order, each with whether the model is trained to write it."""
+
+    parts: list[tuple[str, bool]]
+    add_eos: bool  # prompt/completion: the model learns to stop; chat: the template's end marker does it
+    prompt: dict = field(default_factory=dict)  # what a client would send for it: {"prompt"} or {"messages"}
+    wanted: str = ""
+
+
+@dataclass
+class Encoded:
+    ids: list[int]
+    labels: list[int]
+
+
+def read_examples(path: Path) -> list[dict]:
+    """The JSONL file's examples, each checked; a bad line is reported with its number."""
+    if not path.is_file():
+        raise ExportError(f"data file not found: {path}")
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path.name}:{n}"
+        try:
+            ex = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ExportError(f"{where}: not JSON ({e.msg})") from None
+        if not isinstance(ex, dict):
+            raise ExportError(f"{where}: expected an object with prompt/completion or messages")
+        if "messages" in ex:
+            msgs = ex["messages"]
+            if (not isinstance(msgs, list) or not msgs
+                    or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                               and isinstance(m.get("content"), str) for m in msgs)):
+                raise ExportError(f"{where}: messages must be a list of {{\"role\", \"content\"}} strings")
+            if not any(m["role"] == "assistant" for m in msgs):
+                raise ExportError(f"{where}: no assistant message to learn")
+        elif isinstance(ex.get("prompt"), str) and isinstance(ex.get("completion"), str):
+            if not ex["completion"]:
+                raise ExportError(f"{where}: empty completion")
+        else:
+            raise ExportError(f"{where}: expected \"prompt\" and \"completion\" strings, or \"messages\"")
+        out.append(ex)
+    if not out:
+        raise ExportError(f"{path} holds no examples")
+    return out
+
+
+def to_example(ex: dict, tok: Tokenizer) -> Example:
+    if "messages" not in ex:
+        return Example([(ex["prompt"], False), (ex["completion"], True)], True, {"prompt": ex["prompt"]},
+                       ex["completion"])
+    msgs = ex["messages"]
+    parts, done = [], ""
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        before = tok.chat(msgs[:i], add_generation_prompt=True)  # what the device renders as the prompt
+        upto = tok.chat(msgs[: i + 1], add_generation_prompt=False)
+        if not before.startswith(done) or not upto.startswith(before):
+            raise ExportError("this chat template does not render a conversation as its prompt followed by the "
+                              "answer, so the assistant turns cannot be told apart; use prompt/completion data")
+        parts += [(before[len(done):], False), (upto[len(before):], True)]
+        done = upto
+    tail = tok.chat(msgs, add_generation_prompt=False)[len(done):]
+    if tail:
+        parts.append((tail, False))
+    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    return Example(parts, False, {"messages": msgs[:last]}, msgs[last]["content"])
+
+
+def encode(ex: Example, tok: Tokenizer, eos_id: int, max_length: int) -> tuple[Encoded, bool]:
+    """Token ids and labels; True when the example was cut at max_length."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for i, (text, trained) in enumerate(ex.parts):
+        # special tokens (a BOS) only where the device adds them: at the start of a plain prompt; a chat
+        # template writes its own
+        part = tok.encode(text, add_special_tokens=i == 0 and ex.add_eos)
+        ids += part
+        labels += part if trained else [IGNORE] * len(part)
+    if ex.add_eos:
+        ids.append(eos_id)
+        labels.append(eos_id)
+    cut = len(ids) > max_length
+    return Encoded(ids[:max_length], labels[:max_length]), cut
+
+
+def prompt_ids(ex: Example, tok: Tokenizer) -> list[int]:
+    if "messages" in ex.prompt:
+        return tok.encode(tok.chat(ex.prompt["messages"], add_generation_prompt=True), add_special_tokens=False)
+    return tok.encode(ex.prompt["prompt"])
+
+
+def _device_tokenizer(base: Path, model_folder: Path | None, scratch: Path) -> tuple[Tokenizer, list[int]]:
+    """The tokenizer the device uses: the model folder's, else the one `nomoat export` would write."""
+    if model_folder is not None:
+        manifest = read_manifest(model_folder, verify_files=False)
+        return Tokenizer(model_folder, manifest), manifest.eos_token_ids
+    ckpt = open_checkpoint(base)
+    ckpt.save_tokenizer(scratch)
+    cfg = json.loads((scratch / "tokenizer_config.json").read_text())
+    c = ckpt.config
+    manifest = Manifest(scratch, {"bos_token_id": c.bos_token_id, "add_bos_token": cfg.get("add_bos_token", False),
+                                  "eos_token_ids": list(c.eos_token_ids)})
+    return Tokenizer(scratch, manifest), list(c.eos_token_ids)
+
+
+def slot_defaults(model_folder: Path | None, base: Path, opts: TuneOptions) -> TuneOptions:
+    """Targets and rank that fit the device model's LoRA slots; an adapter that would not fit is refused here."""
+    if model_folder is None:
+        return opts if opts.targets else _with(opts, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    manifest = read_manifest(model_folder, verify_files=False)
+    lora = manifest.lora
+    if not lora.get("rank"):
+        raise ExportError(f"{model_folder} was exported without LoRA slots: export it with --lora-slots RANK to "
+                          "run adapters, or merge this one with `nomoat export --lora`")
+    source = manifest.data.get("source") or {}
+    if source.get("sha256") and source["sha256"] != open_checkpoint(base).source_hash:
+        raise ExportError(f"{model_folder} was exported from {source.get('name')}, not from {base.name}: an adapter "
+                          "trained on another base would not fit it")
+    targets = opts.targets or tuple(lora["targets"])
+    missing = [t for t in targets if t not in lora["targets"]]
+    if missing:
+        raise ExportError(f"{model_folder} has no LoRA slots for {','.join(missing)} (its slots: "
+                          f"{','.join(lora['targets'])})")
+    if opts.rank > lora["rank"]:
+        raise ExportError(f"rank {opts.rank} exceeds {model_folder.name}'s slot rank {lora['rank']}")
+    return _with(opts, targets=targets)
+
+
+def _with(opts: TuneOptions, **kw) -> TuneOptions:
+    from dataclasses import replace
+
+    return replace(opts, **kw)
+
+
+def _batches(data: list[Encoded], size: int, rng: random.Random, pad_id: int):
+    """Shuffled batches, right-padded (padding is masked and never labelled)."""
+    import torch
+
+    order = list(range(len(data)))
+    rng.shuffle(order)
+    for i in range(0, len(order), size):
+        chunk = [data[j] for j in order[i:i + size]]
+        width = max(len(e.ids) for e in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, e in enumerate(chunk):
+            ids[r, : len(e.ids)] = torch.tensor(e.ids)
+            labels[r, : len(e.ids)] = torch.tensor(e.labels)
+            mask[r, : len(e.ids)] = 1
+        yield ids, labels, mask
+
+
+def _loss(model, ids, labels, mask):
+    """Mean cross-entropy over the labelled tokens. The lm_head (vocab x hidden, the largest matrix of a small
+    model) runs only where a token is labelled: a chat example's system prompt and question cost no logits."""
+    import torch
+
+    base = model.get_base_model()
+    hidden = base.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+    target = labels[:, 1:]
+    keep = target != IGNORE
+    logits = base.lm_head(hidden[keep])
+    return torch.nn.functional.cross_entropy(logits.float(), target[keep], reduction="sum"), int(keep.sum())
+
+
+def held_out_loss(model, data: list[Encoded], batch_size: int, pad_id: int, device) -> float:
+    import torch
+
+    if not data:
+        return float("nan")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, labels, mask in _batches(data, batch_size, random.Random(0), pad_id):
+            loss, n = _loss(model, ids.to(device), labels.to(device), mask.to(device))
+            total, count = total + float(loss), count + n
+    return total / max(count, 1)
+
+
+def greedy(model, ids: list[int], n: int, eos: list[int], device) -> list[int]:
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([ids], device=device), max_new_tokens=n, do_sample=False,
+                             attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+                             eos_token_id=eos, pad_token_id=eos[0])
+    new = out[0, len(ids):].tolist()
+    return new[: next((i for i, t in enumerate(new) if t in eos), len(new))]
+
+
+def data_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tune(base: str | Path, data: str | Path, out: str | Path, opts: TuneOptions, model_folder: str | Path | None = None,
+         force: bool = False, log=print, progress: bool = True) -> dict:
+    """Train, write the PEFT folder (with tune_report.json) atomically, return the report."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from .verify import load_reference
+
+    t0 = time.time()
+    base, data, out = Path(base), Path(data), Path(out)
+    model_folder = Path(model_folder) if model_folder else None
+    if out.exists() and not force:
+        raise ExportError(f"output {out} exists (use --force to replace it)")
+    if not base.exists():
+        raise ExportError(f"base model not found: {base}")
+    unknown = [t for t in opts.targets if t not in TARGETS]
+    if unknown:
+        raise ExportError(f"unknown LoRA target {','.join(unknown)}; choose from {','.join(TARGETS)}")
+    if opts.rank < 1 or opts.batch_size < 1 or opts.max_length < 2 or not 0 <= opts.eval_split < 1:
+        raise ExportError("rank, batch size and max length must be positive, and the held-out share in [0, 1)")
+    raw = read_examples(data)
+    try:
+        opts = slot_defaults(model_folder, base, opts)
+    except ModelError as e:
+        raise ExportError(str(e)) from None
+    device = torch.device("cuda" if opts.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if opts.device == "auto" else opts.device)
+
+    scratch = Path(tempfile.mkdtemp(prefix="nomoat-tune-"))
+    try:
+        tok, eos = _device_tokenizer(base, model_folder, scratch)
+        try:
+            examples = [to_example(ex, tok) for ex in raw]
+        except ModelError as e:  # no chat template
+            raise ExportError(f"{data.name} has chat messages, but {e}") from None
+        except ValueError as e:  # the template's raise_exception: e.g. roles out of order
+            raise ExportError(f"the chat template refused an example of {data.name}: {e}") from None
+        encoded, cut = [], 0
+        for ex in examples:
+            enc, was_cut = encode(ex, tok, eos[0], opts.max_length)
+            encoded.append(enc)
+            cut += was_cut
+        if cut:
+            log(f"warning: {cut} examples are longer than --max-length {opts.max_length} tokens and were cut")
+
+        # the held-out split: seeded, so that before/after compare the same examples on every run
+        order = list(range(len(examples)))
+        random.Random(opts.seed).shuffle(order)
+        n_eval = max(1, round(len(order) * opts.eval_split)) if opts.eval_split and len(order) >= 10 else 0
+        eval_idx, train_idx = order[:n_eval], order[n_eval:]
+        train_data = [encoded[i] for i in train_idx if any(x != IGNORE for x in encoded[i].labels[1:])]
+        eval_data = [encoded[i] for i in eval_idx]
+        if not train_data:
+            raise ExportError(f"no example of {data.name} has a token to learn within --max-length {opts.max_length}")
+        steps_per_epoch = math.ceil(len(train_data) / opts.batch_size)
+        total_steps = opts.steps or max(1, math.ceil(steps_per_epoch * opts.epochs))
+        log(f"tune: {len(train_data)} training and {len(eval_data)} held-out examples, "
+            f"{sum(len(e.ids) for e in train_data)} tokens per epoch; {total_steps} steps of {opts.batch_size}, "
+            f"LoRA rank {opts.rank} (alpha {opts.alpha:g}) on {','.join(opts.targets)}, on {device.type}")
+
+        t_load = time.time()
+        model = load_reference(base).to(device)
+        torch.manual_seed(opts.seed)  # the LoRA A initialisation
+        config = LoraConfig(r=opts.rank, lora_alpha=opts.alpha, target_modules=list(opts.targets), lora_dropout=0.0,
+                            bias="none", task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
+        pad_id = eos[0]
+        load_s = time.time() - t_load
+
+        before = held_out_loss(model, eval_data, opts.batch_size, pad_id, device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optim = torch.optim.AdamW(params, lr=opts.learning_rate, weight_decay=0.0)
+        warmup = max(1, min(20, total_steps // 10))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
+            1 + math.cos(math.pi * min(1.0, max(0, s - warmup) / max(1, total_steps - warmup)))))
+
+        t_train = time.time()
+        losses: list[float] = []
+        rng = random.Random(opts.seed)
+        model.train()
+        bar = _progress(total_steps, progress)
+        step = 0
+        while step < total_steps:
+            for ids, labels, mask in _batches(train_data, opts.batch_size, rng, pad_id):
+                loss, n = _loss(model, ids.to(device), labels.to(device), mask.to(device))
+                (loss / max(n, 1)).backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optim.step()
+                schedule.step()
+                optim.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()) / max(n, 1))
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+                if step == total_steps:
+                    break
+        bar.close()
+        train_s = time.time() - t_train
+        model.eval()
+        after = held_out_loss(model, eval_data, opts.batch_size, pad_id, device)
+
+        samples = []
+        for i in eval_idx[: opts.samples]:
+            ids = prompt_ids(examples[i], tok)
+            with model.disable_adapter():
+                base_ids = greedy(model, ids, opts.sample_tokens, eos, device)
+            tuned_ids = greedy(model, ids, opts.sample_tokens, eos, device)
+            samples.append({**examples[i].prompt, "wanted": examples[i].wanted, "base": tok.decode(base_ids),
+                            "adapted": tok.decode(tuned_ids)})
+
+        report = {
+            "base": base.name, "data": data.name, "data_sha256": data_hash(data),
+            "for_model": model_folder.name if model_folder else None,
+            "options": {**asdict(opts), "targets": list(opts.targets)},
+            "examples": {"train": len(train_data), "held_out": len(eval_data), "cut": cut},
+            "steps": total_steps, "held_out_loss": {"before": before, "after": after},
+            "train_loss": {"first": losses[0], "last10": sum(losses[-10:]) / len(losses[-10:])},
+            "seconds": {"load": round(load_s, 1), "train": round(train_s, 1), "total": 0.0},
+            "device": device.type, "torch_threads": torch.get_num_threads(), "samples": samples,
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            model.save_pretrained(str(tmp))
+            _note_base(tmp, base)
+            report["seconds"]["total"] = round(time.time() - t0, 1)
+            (tmp / "tune_report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return report
+
+
+def _note_base(folder: Path, base: Path) -> None:
+    """PEFT records the folder a GGUF was read from; name the file itself, so the adapter says what it fits."""
+    cfg_file = folder / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["base_model_name_or_path"] = str(base)
+    cfg_file.write_text(json.dumps(cfg, indent=2))
+
+
+class _NoBar:
+    def update(self, n): ...
+    def set_postfix(self, **kw): ...
+    def close(self): ...
+
+
+def _progress(total: int, show: bool):
+    if not show:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="tune", unit="step")
+
+
+def format_report(report: dict, out: Path) -> str:
+    loss = report["held_out_loss"]
+    lines = []
+    if report["examples"]["held_out"]:
+        lines.append(f"held-out loss ({report['examples']['held_out']} examples): {loss['before']:.3f} before, "
+                     f"{loss['after']:.3f} after")
+    for s in report["samples"]:
+        asked = s.get("prompt") or s["messages"][-1]["content"]
+        lines += [f"prompt:  {asked!r}", f"  base:    {s['base']!r}", f"  adapted: {s['adapted']!r}",
+                  f"  wanted:  {s['wanted']!r}"]
+    sec = report["seconds"]
+    lines.append(f"wrote {out}: LoRA rank {report['options']['rank']} on {','.join(report['options']['targets'])}, "
+                 f"{report['steps']} steps in {sec['train']:.0f} s ({sec['total']:.0f} s in all, "
+                 f"{report['device']}, {report['torch_threads']} threads)")
+    return "\n".join(lines)
