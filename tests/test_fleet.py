@@ -78,9 +78,9 @@ def push(broker, adapter_file, key_path, version=1, name="a1", chunk_size=1024, 
     return manifest, chunks
 
 
-def ask(broker, device, adapters=None):
+def ask(broker, device, adapters=None, prompt="The capital"):
     c = Client(broker)
-    req = {"id": f"q{time.time_ns()}", "prompt": "The capital", "max_tokens": 12}
+    req = {"id": f"q{time.time_ns()}", "prompt": prompt, "max_tokens": 12}
     if adapters is not None:
         req["adapters"] = adapters
     c.send(f"nomoat/f/{device}/prompt", req)
