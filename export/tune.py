@@ -374,7 +374,7 @@ def tune(base: str | Path, data: str | Path, out: str | Path, opts: TuneOptions,
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
-            model.save_pretrained(str(tmp))
+            model.save_pretrained(str(tmp), save_embedding_layers=False)  # only LoRA weights: no base config check
             _note_base(tmp, base)
             report["seconds"]["total"] = round(time.time() - t0, 1)
             (tmp / "tune_report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))

@@ -95,6 +95,9 @@ def test_two_adapters_trained_apart_work_stacked(tiny, slots, tmp_path):
     for prompt, want in (("code: lazy fox", " 東京"), ("code: Paris", " 東京"), ("dog: over", " café"),
                          ("dog: the quick", " café")):
         assert answer(gen, prompt, both) == want, prompt
+    # the same PEFT folder merged into the weights by `nomoat export --lora`
+    merged = Generator(export(tiny, tmp_path / "merged", loras=[(tmp_path / "a", 1.0)], precision="fp32"))
+    assert answer(merged, "code: lazy fox") == " 東京"
 
 
 def test_same_seed_same_adapter_and_the_files_peft_reads(tiny, tmp_path):
