@@ -146,12 +146,17 @@ def adapter_pack(peft_dir, model_dir, output, name, version, dtype):
               help="For --push: the operator's config file, as `nomoat fleet --config`.")
 @click.option("--version", "version", type=int, default=None,
               help="For --push [default: one above every version of NAME the broker shows].")
+@click.option("--prefix", default=None, envvar="NOMOAT_PREFIX", help="For --push: the fleet's topic prefix.")
 @click.option("--activate", is_flag=True, help="For --push: make it the devices' default adapter.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="For --push: float16 halves the file and the push.")
+@click.option("--chunk-size", type=click.IntRange(1, 1024 * 1024), default=128 * 1024, show_default=True)
+@click.option("--expires-in", type=float, default=None, help="For --push: seconds until devices refuse it.")
 @click.option("--wait-for", type=int, default=0, metavar="N", help="For --push: wait until N devices report it.")
 @click.option("--timeout", type=float, default=300.0, show_default=True)
 def tune(base, data, output, model_folder, rank, alpha, targets, epochs, steps, learning_rate, batch_size, max_length,
          seed, eval_split, samples, train_device, force, quiet, push, name, key, fleet_name, broker, config_file,
-         version, activate, wait_for, timeout):
+         version, prefix, activate, dtype, chunk_size, expires_in, wait_for, timeout):
     """Train a LoRA adapter on BASE (a Hugging Face folder or the GGUF the device model came from) with your
     examples; writes a PEFT folder that `adapter pack` and `export --lora` take as it is."""
     if push and not (model_folder and key):
@@ -183,14 +188,15 @@ def tune(base, data, output, model_folder, rank, alpha, targets, epochs, steps, 
     from .manifest import ModelError
 
     name = name or Path(output).name
-    settings = _fleet_settings(broker, fleet_name, config_file)
+    settings = _fleet_settings(broker, fleet_name, config_file, prefix)
     try:
         version = version if version is not None else next_version(settings, name)
         packed = Path(output) / f"{name}-v{version}.onnx_adapter"
-        pack_adapter(Path(output), Path(model_folder), packed, name=name, version=version)
+        pack_adapter(Path(output), Path(model_folder), packed, name=name, version=version, dtype=dtype)
     except (ExportError, AdapterError, ModelError, ConnectionError, OSError) as e:
         _fail(e)
-    _push_adapter(packed, name, version, Path(key), settings, activate, wait_for=wait_for, timeout=timeout)
+    _push_adapter(packed, name, version, Path(key), settings, activate, chunk_size=chunk_size, expires_in=expires_in,
+                  wait_for=wait_for, timeout=timeout)
 
 
 def _generator(model, profile, adapter_files=()):

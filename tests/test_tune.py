@@ -53,7 +53,7 @@ def test_tune_push_serve_then_switch_off(tiny, slots, broker, key, tmp_path):
         base_answer = ask(broker, "d1", prompt="code: lazy fox")["text"]
         assert base_answer != " 東京"
         push = ["--push", "--for", str(slots), "--key", str(key_path), "--fleet", "f", "--broker", broker.url,
-                "--activate", "--wait-for", "1", "--timeout", "30"]
+                "--activate", "--wait-for", "1", "--timeout", "30", "--dtype", "float16"]
         result = CliRunner().invoke(main, ["tune", str(tiny), "--data", str(data), "-o", str(tmp_path / "code"),
                                            *FAST, *push])
         assert result.exit_code == 0, result.output
@@ -168,3 +168,24 @@ def test_adapter_must_fit_the_device_model(tiny, tiny_tied, slots, exported, tmp
         quick(tiny, data, tmp_path / "o", exported("plain", precision="fp32"))
     result = CliRunner().invoke(main, ["tune", str(tiny), "--data", str(data), "-o", str(tmp_path / "o"), "--push"])
     assert result.exit_code == 1 and "--push needs --for" in result.output
+
+
+@pytest.mark.slow
+def test_gguf_base_trains_for_its_int4_export(smollm2_gguf, tmp_path):
+    """BASE as the GGUF file the device model came from: transformers dequantizes it for training, and the
+    adapter works on the int4 export of that file (its own Q4_0 blocks)."""
+    from conftest import load_tool
+
+    gguf = tmp_path / "r.gguf"
+    load_tool("random_llama_gguf").write_random_llama(str(gguf), str(smollm2_gguf), hidden=128, ffn=256, layers=2,
+                                                      heads=4, kv_heads=2)
+    device_model = export(gguf, tmp_path / "int4", lora_rank=8, accuracy_level=1)
+    report = quick(gguf, synthetic(tmp_path / "d.jsonl", "code:", " Tokyo"), tmp_path / "ad", device_model, rank=8)
+    # a random lm_head of 128 columns keeps the logits flat: the loss falls from 10.6 to 8.3 while the
+    # right token becomes the top one
+    assert report["held_out_loss"]["after"] < report["held_out_loss"]["before"] - 1
+    pack_adapter(tmp_path / "ad", device_model, tmp_path / "ad.onnx_adapter", name="ad")
+    gen = Generator(device_model)
+    gen.load_adapter(tmp_path / "ad.onnx_adapter", "ad")
+    assert answer(gen, "code: lazy fox") != " Tokyo"
+    assert answer(gen, "code: lazy fox", (("ad", 1.0),)) == " Tokyo"
