@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -52,12 +53,7 @@ def export_model(source: str | Path, out: str | Path, opts: BuildOptions, loras:
     opts.deltas = merged_deltas(adapters)
     opts.max_length = min(opts.max_length, ckpt.config.max_position_embeddings)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700: the service's user must be able to read the model
-    try:
+    with folder_in_place(out) as tmp:
         save_tokenizer(source, tmp)
         if via == "optimum":
             from .via_optimum import export_via_optimum
@@ -94,13 +90,26 @@ def export_model(source: str | Path, out: str | Path, opts: BuildOptions, loras:
                                         "measured_on": report.measured_on, "accuracy_level": report.accuracy_level,
                                         "reference": report.reference}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return out
+
+
+@contextmanager
+def folder_in_place(out: Path):
+    """A new folder beside `out`, readable as the umask allows, that replaces `out` when the block ends and is
+    removed if it fails: a reader never sees half a model or adapter."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700: the service's user must be able to read the model
+    try:
+        yield tmp
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def save_tokenizer(source: str | Path, folder: Path) -> None:

@@ -23,13 +23,14 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from nomoat.edge.manifest import Manifest, ModelError, read_manifest
 from nomoat.edge.text import Tokenizer
 
 from .builder import TARGETS
+from .pipeline import folder_in_place
 from .sources import ExportError, open_checkpoint
 
 IGNORE = -100  # the label of a token the loss does not count
@@ -165,7 +166,7 @@ def _device_tokenizer(base: Path, model_folder: Path | None, scratch: Path) -> t
 def slot_defaults(model_folder: Path | None, base: Path, opts: TuneOptions) -> TuneOptions:
     """Targets and rank that fit the device model's LoRA slots; an adapter that would not fit is refused here."""
     if model_folder is None:
-        return opts if opts.targets else _with(opts, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+        return opts if opts.targets else replace(opts, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
     manifest = read_manifest(model_folder, verify_files=False)
     lora = manifest.lora
     if not lora.get("rank"):
@@ -182,13 +183,7 @@ def slot_defaults(model_folder: Path | None, base: Path, opts: TuneOptions) -> T
                           f"{','.join(lora['targets'])})")
     if opts.rank > lora["rank"]:
         raise ExportError(f"rank {opts.rank} exceeds {model_folder.name}'s slot rank {lora['rank']}")
-    return _with(opts, targets=targets)
-
-
-def _with(opts: TuneOptions, **kw) -> TuneOptions:
-    from dataclasses import replace
-
-    return replace(opts, **kw)
+    return replace(opts, targets=targets)
 
 
 def _batches(data: list[Encoded], size: int, rng: random.Random, pad_id: int):
@@ -331,7 +326,9 @@ def tune(base: str | Path, data: str | Path, out: str | Path, opts: TuneOptions,
         losses: list[float] = []
         rng = random.Random(opts.seed)
         model.train()
-        bar = _progress(total_steps, progress)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, desc="tune", unit="step", disable=not progress)
         step = 0
         while step < total_steps:
             for ids, labels, mask in _batches(train_data, opts.batch_size, rng, pad_id):
@@ -371,19 +368,11 @@ def tune(base: str | Path, data: str | Path, out: str | Path, opts: TuneOptions,
             "seconds": {"load": round(load_s, 1), "train": round(train_s, 1), "total": 0.0},
             "device": device.type, "torch_threads": torch.get_num_threads(), "samples": samples,
         }
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
+        with folder_in_place(out) as tmp:
             model.save_pretrained(str(tmp), save_embedding_layers=False)  # only LoRA weights: no base config check
             _note_base(tmp, base)
             report["seconds"]["total"] = round(time.time() - t0, 1)
             (tmp / "tune_report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return report
@@ -395,20 +384,6 @@ def _note_base(folder: Path, base: Path) -> None:
     cfg = json.loads(cfg_file.read_text())
     cfg["base_model_name_or_path"] = str(base)
     cfg_file.write_text(json.dumps(cfg, indent=2))
-
-
-class _NoBar:
-    def update(self, n): ...
-    def set_postfix(self, **kw): ...
-    def close(self): ...
-
-
-def _progress(total: int, show: bool):
-    if not show:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="tune", unit="step")
 
 
 def format_report(report: dict, out: Path) -> str:

@@ -17,21 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from soak_mqtt import free_port, wait_port  # tools/ is this script's path
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_online(settings, seconds: float = 120.0) -> None:
@@ -104,7 +99,7 @@ def main() -> None:
     broker = f"mqtt://127.0.0.1:{port}"
     pub = generate_key(work / "fleet.key")
     try:
-        time.sleep(0.5)
+        wait_port(port)
         procs.append(subprocess.Popen([str(BIN / "nomoat"), "serve", args.model, "--broker", broker, "--fleet", "walk",
                                        "--device", "pi", "--trust", pub, "--adapter-store", str(work / "store")],
                                       stdout=subprocess.DEVNULL, stderr=open(work / "serve.log", "w")))
