@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from .fleet import MAX_VERSION
 from .profile import MqttSettings
 from .protocol import Topics
 from .session import connect, make_client
@@ -136,16 +137,19 @@ def push_and_watch(settings: MqttSettings, messages: list[tuple[str, bytes]], na
 
 
 def collect_retained(settings: MqttSettings, topic: str | list[str], seconds: float = 2.0) -> dict[str, dict]:
-    """Retained JSON messages under a topic filter (or several), by topic."""
+    """Retained JSON objects under a topic filter (or several), by topic. Anything else is skipped: anyone
+    on the broker may have published it."""
     filters = [topic] if isinstance(topic, str) else topic
     client = make_client(settings, f"nomoat-op-{uuid.uuid4().hex[:8]}", persistent=False)
     found: dict[str, dict] = {}
 
     def on_message(c, u, msg):
         try:
-            found[msg.topic] = json.loads(msg.payload)
+            value = json.loads(msg.payload)
         except ValueError:
-            pass
+            return
+        if isinstance(value, dict):
+            found[msg.topic] = value
 
     client.on_connect = lambda c, u, f, r, p: c.subscribe([(t, 1) for t in filters])
     client.on_message = on_message
@@ -166,12 +170,9 @@ def next_version(settings: MqttSettings, name: str, seconds: float = 2.0) -> int
     found = collect_retained(settings, [topics.adapter(name), topics.status], seconds)
     versions = [0]
     for msg in found.values():
-        if msg.get("name") == name and isinstance(msg.get("version"), int):
-            versions.append(msg["version"])
-        installed = msg.get("installed")
-        if isinstance(installed, dict) and isinstance(installed.get(name), int):
-            versions.append(installed[name])
-        last = msg.get("last_push")
-        if isinstance(last, dict) and last.get("name") == name and isinstance(last.get("version"), int):
-            versions.append(last["version"])
-    return max(versions) + 1
+        installed, last = msg.get("installed"), msg.get("last_push")
+        versions += [msg.get("version") if msg.get("name") == name else None,
+                     installed.get(name) if isinstance(installed, dict) else None,
+                     last.get("version") if isinstance(last, dict) and last.get("name") == name else None]
+    # anyone on the broker can publish a retained status: only versions a device would accept count
+    return max(v for v in versions if type(v) is int and 0 <= v < MAX_VERSION - 1) + 1

@@ -35,6 +35,7 @@ log = logging.getLogger("nomoat.fleet")
 DEFAULT_CHUNK = 128 * 1024
 MAX_CHUNK = 1024 * 1024  # bigger chunks are refused (operator and device): the device's MQTT packet limit
 MAX_MANIFEST = 512 * 1024  # 2048+ chunk hashes; a larger manifest is refused before it is parsed
+MAX_VERSION = 2**53  # versions are below it (JSON numbers stay exact in every client)
 # Adapter names are topic levels and folder names: lowercase so that case-insensitive file systems (Android's
 # shared storage) cannot alias two names, no dots (no "..", no "state.json", no hidden folders).
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -127,7 +128,7 @@ def check_manifest(m: dict) -> None:
     _need(m, "type", str, lambda v: v in ("adapter", "rollback", "remove"), "adapter, rollback or remove")
     check_name(m.get("name"))
     _need(m, "created", (int, float), lambda v: v > 0, "a positive unix time")
-    _need(m, "version", int, lambda v: 0 <= v < 2**53, "an integer 0 ... 2^53")
+    _need(m, "version", int, lambda v: 0 <= v < MAX_VERSION, "an integer 0 ... 2^53")
     if m["type"] != "adapter":
         return
     _need(m, "version", int, lambda v: v >= 1, "an integer >= 1")

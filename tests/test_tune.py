@@ -189,3 +189,24 @@ def test_gguf_base_trains_for_its_int4_export(smollm2_gguf, tmp_path):
     gen.load_adapter(tmp_path / "ad.onnx_adapter", "ad")
     assert answer(gen, "code: lazy fox") != " Tokyo"
     assert answer(gen, "code: lazy fox", (("ad", 1.0),)) == " Tokyo"
+
+
+@pytest.mark.mqtt
+@pytest.mark.skipif(not mosquitto_path(), reason="mosquitto is not installed")
+def test_next_version_ignores_forged_statuses(broker):
+    """Anyone on the broker can publish a retained "status": a version no device would accept (out of range, not
+    an integer) must not become the next push's version, nor crash it."""
+    import subprocess
+
+    from nomoat.edge.client import next_version
+    from nomoat.edge.profile import MqttSettings
+
+    forged = {"e1": {"installed": {"code": 10**26}, "last_push": {"name": "code", "version": "x"}},
+              "e2": {"installed": {"code": True}, "name": "code", "version": 2**53},
+              "e3": {"installed": {"code": 4}}, "e4": [1, 2], "e5": 7}
+    for device, status in forged.items():
+        subprocess.run(["mosquitto_pub", "-p", str(broker.port), "-V", "mqttv311", "-q", "1", "-r",
+                        "-t", f"nomoat/f/{device}/status", "-m", json.dumps(status)], check=True)
+    assert next_version(MqttSettings(broker=broker.url, fleet="f"), "code", 1.0) == 5
+    result = CliRunner().invoke(main, ["fleet", "status", "--fleet", "f", "--broker", broker.url, "--wait", "1"])
+    assert result.exit_code == 0 and "code@v4" in result.output, result.output
