@@ -625,19 +625,27 @@ def _push_adapter(adapter_file: Path, name: str, version: int | None, key: Path,
 @click.option("--wait", type=float, default=2.0)
 def fleet_status(fleet_name, broker, wait):
     """Devices of the fleet from their retained status."""
-    from .client import collect_retained
+    from .client import collect_raw, json_objects
     from .protocol import Topics
 
     settings = _fleet_settings(broker, fleet_name)
-    found = collect_retained(settings, Topics(settings.prefix, settings.fleet, "+").status, wait)
+    # Site brokers bridged to this one (tools/mosquitto/bridge/) publish their link's state there, retained
+    sites = f"{settings.prefix}/{settings.fleet}/sites/+/bridge"
+    found = collect_raw(settings, [Topics(settings.prefix, settings.fleet, "+").status, sites], wait)
+    bridges = {t.split("/")[-2]: p for t, p in found.items() if t.endswith("/bridge") and "/sites/" in t}
+    statuses = json_objects({t: p for t, p in found.items() if t.endswith("/status")})
     click.echo(f"{'device':16s} {'state':8s} {'model hash':14s} {'adapters':30s} last push")
-    for s in sorted(found.values(), key=lambda s: s.get("device", "")):
-        adapters = ",".join(f"{n}@v{v}" for n, v in s.get("installed", {}).items()) or "-"
-        last = s.get("last_push") or {}
+    for s in sorted(statuses.values(), key=lambda s: str(s.get("device", ""))):
+        # anyone on the broker can publish a retained status: print what is there, whatever its types
+        installed, last = s.get("installed"), s.get("last_push")
+        adapters = ",".join(f"{n}@v{v}" for n, v in installed.items()) if isinstance(installed, dict) else ""
         last_text = f"{last.get('event')} {last.get('name')} v{last.get('version')} {last.get('reason', '')}" \
-            if last else "-"
-        click.echo(f"{s.get('device', '?'):16s} {s.get('state', '?'):8s} {s.get('model_hash', '')[:12]:14s} "
-                   f"{adapters:30s} {last_text}")
+            if isinstance(last, dict) and last else "-"
+        click.echo(f"{str(s.get('device', '?')):16s} {str(s.get('state', '?')):8s} "
+                   f"{str(s.get('model_hash', ''))[:12]:14s} {adapters or '-':30s} {last_text}")
+    for site, state in sorted(bridges.items()):
+        click.echo(f"site {site}: bridge " + {b"1": "up", b"0": "down (its devices' statuses above are the last "
+                                                          "ones it sent)"}.get(state, "?"))
 
 
 @fleet.command("rollback")

@@ -22,6 +22,9 @@ def ask(settings: MqttSettings, request: dict, pool: bool = False, timeout: floa
     topics = Topics(settings.prefix, settings.fleet, settings.device or "-")
     reply_topic = f"{settings.prefix}/{settings.fleet}/clients/{uuid.uuid4().hex}"
     correlation = request["id"].encode()
+    # Where a broker or bridge drops MQTT 5 properties (a mqttv311 bridge, an MQTT 3.1.1 broker), the device
+    # answers on its fallback topic instead: listen there too, matching by id.
+    fallback = Topics(settings.prefix, settings.fleet, "+" if pool else topics.device).reply(request["id"])
     inbox: queue.Queue = queue.Queue()
     client = make_client(settings, f"nomoat-ask-{uuid.uuid4().hex[:8]}", persistent=False)
 
@@ -30,7 +33,7 @@ def ask(settings: MqttSettings, request: dict, pool: bool = False, timeout: floa
             inbox.put(ConnectionError(f"the broker {settings.broker} refused the connection: {reason}"))
             return
         inbox.put("connected")
-        c.subscribe(reply_topic, qos=1)
+        c.subscribe([(reply_topic, 1), (fallback, 1)])
 
     def on_subscribe(c, userdata, mid, reasons, properties):
         props = Properties(PacketTypes.PUBLISH)
@@ -39,8 +42,15 @@ def ask(settings: MqttSettings, request: dict, pool: bool = False, timeout: floa
         c.publish(topics.pool if pool else topics.prompt, json.dumps(request), qos=1, properties=props)
 
     def on_message(c, userdata, msg):
-        if getattr(msg.properties, "CorrelationData", None) == correlation:
-            inbox.put(json.loads(msg.payload))
+        try:
+            message = json.loads(msg.payload)
+        except ValueError:
+            return
+        if not isinstance(message, dict):
+            return
+        if getattr(msg.properties, "CorrelationData", None) == correlation or \
+                msg.topic != reply_topic and message.get("id") == request["id"]:
+            inbox.put(message)
 
     client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
     connect(client, settings)
@@ -136,31 +146,39 @@ def push_and_watch(settings: MqttSettings, messages: list[tuple[str, bytes]], na
     return sorted(results.values(), key=lambda e: e["seconds"])
 
 
-def collect_retained(settings: MqttSettings, topic: str | list[str], seconds: float = 2.0) -> dict[str, dict]:
-    """Retained JSON objects under a topic filter (or several), by topic. Anything else is skipped: anyone
-    on the broker may have published it."""
-    filters = [topic] if isinstance(topic, str) else topic
-    client = make_client(settings, f"nomoat-op-{uuid.uuid4().hex[:8]}", persistent=False)
-    found: dict[str, dict] = {}
-
-    def on_message(c, u, msg):
-        try:
-            value = json.loads(msg.payload)
-        except ValueError:
-            return
-        if isinstance(value, dict):
-            found[msg.topic] = value
-
-    client.on_connect = lambda c, u, f, r, p: c.subscribe([(t, 1) for t in filters])
-    client.on_message = on_message
-    connect(client, settings)
-    client.loop_start()
+def collect_raw(settings: MqttSettings, topic: str | list[str], seconds: float = 2.0) -> dict[str, bytes]:
+    """Retained payloads under a topic filter (or several), by topic, as the broker holds them."""
     import time
 
+    filters = [topic] if isinstance(topic, str) else topic
+    client = make_client(settings, f"nomoat-op-{uuid.uuid4().hex[:8]}", persistent=False)
+    found: dict[str, bytes] = {}
+    client.on_connect = lambda c, u, f, r, p: c.subscribe([(t, 1) for t in filters])
+    client.on_message = lambda c, u, msg: found.__setitem__(msg.topic, msg.payload)
+    connect(client, settings)
+    client.loop_start()
     time.sleep(seconds)
     client.disconnect()
     client.loop_stop()
     return found
+
+
+def json_objects(found: dict[str, bytes]) -> dict[str, dict]:
+    """The payloads that are JSON objects. Anything else is skipped: anyone on the broker may have published it."""
+    objects = {}
+    for topic, payload in found.items():
+        try:
+            value = json.loads(payload)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            objects[topic] = value
+    return objects
+
+
+def collect_retained(settings: MqttSettings, topic: str | list[str], seconds: float = 2.0) -> dict[str, dict]:
+    """Retained JSON objects under a topic filter (or several), by topic."""
+    return json_objects(collect_raw(settings, topic, seconds))
 
 
 def next_version(settings: MqttSettings, name: str, seconds: float = 2.0) -> int:

@@ -203,7 +203,8 @@ def test_next_version_ignores_forged_statuses(broker):
 
     forged = {"e1": {"installed": {"code": 10**26}, "last_push": {"name": "code", "version": "x"}},
               "e2": {"installed": {"code": True}, "name": "code", "version": 2**53},
-              "e3": {"installed": {"code": 4}}, "e4": [1, 2], "e5": 7}
+              "e3": {"installed": {"code": 4}}, "e4": [1, 2], "e5": 7,
+              "e6": {"installed": [1], "last_push": "x", "device": 5, "state": None, "model_hash": 3}}
     for device, status in forged.items():
         subprocess.run(["mosquitto_pub", "-p", str(broker.port), "-V", "mqttv311", "-q", "1", "-r",
                         "-t", f"nomoat/f/{device}/status", "-m", json.dumps(status)], check=True)
