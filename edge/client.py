@@ -48,8 +48,8 @@ def ask(settings: MqttSettings, request: dict, pool: bool = False, timeout: floa
             return
         if not isinstance(message, dict):
             return
-        if getattr(msg.properties, "CorrelationData", None) == correlation or \
-                msg.topic != reply_topic and message.get("id") == request["id"]:
+        # by correlation, or by id (a bridge may have dropped the properties on the way, in or out)
+        if getattr(msg.properties, "CorrelationData", None) == correlation or message.get("id") == request["id"]:
             inbox.put(message)
 
     client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
