@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -540,6 +541,15 @@ def _fleet_settings(broker, fleet_name, config=None, prefix=None):
     return mqtt
 
 
+@contextmanager
+def _broker_errors():
+    """An operator's command that cannot reach the broker ends with its reason, not a traceback."""
+    try:
+        yield
+    except (ConnectionError, TimeoutError, OSError) as e:
+        _fail(e)
+
+
 def _adapter_topic(settings, name: str) -> str:
     from .protocol import Topics
 
@@ -578,10 +588,9 @@ def fleet_push(adapter_file, name, fleet_name, broker, key, version, activate, s
 
 
 def _adapter_meta(adapter_file: Path) -> dict:
-    import onnxruntime as ort
+    from .adapters import read_meta
 
-    params = ort.AdapterFormat.read_adapter(str(adapter_file)).get_parameters()
-    meta = json.loads(params["nomoat.meta"].numpy().tobytes()) if "nomoat.meta" in params else {}
+    meta = read_meta(adapter_file)
     if "base_model_hash" not in meta:
         _fail(ValueError(f"{adapter_file} is not a nomoat adapter (use `nomoat adapter pack`)"))
     return meta
@@ -606,11 +615,13 @@ def _push_adapter(adapter_file: Path, name: str, version: int | None, key: Path,
     summary = (f"pushed {name} v{version}: {manifest['size']} bytes in {len(chunks)} chunks "
                f"({wire} bytes of topics and payloads) to fleet {settings.fleet}")
     if not wait_for:
-        publish_all(settings, messages)
+        with _broker_errors():
+            publish_all(settings, messages)
         click.echo(summary)
         return
     until = "activated" if activate else "installed"
-    events = push_and_watch(settings, messages, name, version, wait_for, until, timeout)
+    with _broker_errors():
+        events = push_and_watch(settings, messages, name, version, wait_for, until, timeout)
     click.echo(summary)
     for e in events:
         click.echo(f"  {e['device']:16s} {e['event']:10s} after {e['seconds']:.2f} s {e.get('reason', '')}")
@@ -631,7 +642,8 @@ def fleet_status(fleet_name, broker, wait):
     settings = _fleet_settings(broker, fleet_name)
     # Site brokers bridged to this one (tools/mosquitto/bridge/) publish their link's state there, retained
     sites = f"{settings.prefix}/{settings.fleet}/sites/+/bridge"
-    found = collect_raw(settings, [Topics(settings.prefix, settings.fleet, "+").status, sites], wait)
+    with _broker_errors():
+        found = collect_raw(settings, [Topics(settings.prefix, settings.fleet, "+").status, sites], wait)
     bridges = {t.split("/")[-2]: p for t, p in found.items() if t.endswith("/bridge") and "/sites/" in t}
     statuses = json_objects({t: p for t, p in found.items() if t.endswith("/status")})
     click.echo(f"{'device':16s} {'state':8s} {'model hash':14s} {'adapters':30s} last push")
@@ -675,7 +687,8 @@ def _control(action, name, version, fleet_name, broker, key):
 
     m = control_manifest(action, name, version, load_key(Path(key)))
     settings = _fleet_settings(broker, fleet_name)
-    publish_all(settings, [(_adapter_topic(settings, name), json.dumps(m).encode())])
+    with _broker_errors():
+        publish_all(settings, [(_adapter_topic(settings, name), json.dumps(m).encode())])
     click.echo(f"{action} {name} published to fleet {settings.fleet}")
 
 

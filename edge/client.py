@@ -15,6 +15,12 @@ from .profile import MqttSettings
 from .protocol import Topics
 from .session import connect, make_client
 
+CONNECT_TIMEOUT = 15.0  # seconds an operator's command waits for the broker
+
+
+def _unreachable(settings: MqttSettings) -> str:
+    return f"cannot reach the broker at {settings.broker} within {CONNECT_TIMEOUT:.0f} s (is it running, and the URL right?)"
+
 
 def ask(settings: MqttSettings, request: dict, pool: bool = False, timeout: float = 120.0) -> Iterator[dict]:
     """Yield the reply messages (chunks, then the final one) for one request."""
@@ -87,7 +93,10 @@ def publish_all(settings: MqttSettings, messages: list[tuple[str, bytes]], retai
     connect(client, settings)
     client.loop_start()
     try:
-        reason = connected.get(timeout=timeout)
+        try:
+            reason = connected.get(timeout=min(timeout, CONNECT_TIMEOUT))
+        except queue.Empty:
+            raise ConnectionError(_unreachable(settings)) from None
         if reason.is_failure:
             raise ConnectionError(f"broker refused the connection: {reason}")
         _publish_acknowledged(client, messages, retain, timeout)
@@ -127,8 +136,11 @@ def push_and_watch(settings: MqttSettings, messages: list[tuple[str, bytes]], na
     client.loop_start()
     results: dict[str, dict] = {}
     try:
-        if inbox.get(timeout=30) != "subscribed":
-            raise ConnectionError("could not subscribe to the fleet's events")
+        try:
+            if inbox.get(timeout=CONNECT_TIMEOUT) != "subscribed":
+                raise ConnectionError("could not subscribe to the fleet's events")
+        except queue.Empty:
+            raise ConnectionError(_unreachable(settings)) from None
         start = time.perf_counter()
         _publish_acknowledged(client, messages, True, timeout)
         while len(results) < devices:
@@ -153,13 +165,30 @@ def collect_raw(settings: MqttSettings, topic: str | list[str], seconds: float =
     filters = [topic] if isinstance(topic, str) else topic
     client = make_client(settings, f"nomoat-op-{uuid.uuid4().hex[:8]}", persistent=False)
     found: dict[str, bytes] = {}
-    client.on_connect = lambda c, u, f, r, p: c.subscribe([(t, 1) for t in filters])
+    subscribed: queue.Queue = queue.Queue()
+
+    def on_connect(c, u, f, reason, p):
+        if reason.is_failure:
+            subscribed.put(ConnectionError(f"the broker {settings.broker} refused the connection: {reason}"))
+        else:
+            c.subscribe([(t, 1) for t in filters])
+
+    client.on_connect = on_connect
+    client.on_subscribe = lambda c, u, mid, reasons, p: subscribed.put("subscribed")
     client.on_message = lambda c, u, msg: found.__setitem__(msg.topic, msg.payload)
     connect(client, settings)
     client.loop_start()
-    time.sleep(seconds)
-    client.disconnect()
-    client.loop_stop()
+    try:
+        try:
+            ready = subscribed.get(timeout=CONNECT_TIMEOUT)
+        except queue.Empty:
+            raise ConnectionError(_unreachable(settings)) from None
+        if isinstance(ready, Exception):
+            raise ready
+        time.sleep(seconds)  # retained messages come right after the subscription
+    finally:
+        client.disconnect()
+        client.loop_stop()
     return found
 
 

@@ -62,10 +62,9 @@ class Events:
 
 def push(broker, adapter_file, key_path, version=1, name="a1", chunk_size=1024, activate=True, only=None,
          tamper=None, manifest_edit=None):
-    import onnxruntime as ort
+    from nomoat.edge.adapters import read_meta
 
-    meta = json.loads(ort.AdapterFormat.read_adapter(str(adapter_file)).get_parameters()["nomoat.meta"]
-                      .numpy().tobytes())
+    meta = read_meta(adapter_file)
     manifest, chunks = build_push(adapter_file, name, version, meta["base_model_hash"], load_key(key_path),
                                   chunk_size, activate)
     if manifest_edit:
@@ -297,3 +296,20 @@ def test_a_push_during_a_stream_changes_nothing_in_it_and_applies_to_the_next_re
         c.close()
         d.stop()
         ev.close()
+
+
+def test_operator_commands_without_a_broker_say_so(adapter_file, key, monkeypatch):
+    """fleet push / status / remove with nothing listening: the reason and exit status 1, not a traceback
+    (push ended in queue.Empty)."""
+    from click.testing import CliRunner
+    from nomoat.edge import client
+    from nomoat.edge.cli import main
+    from test_daemon import free_port
+
+    monkeypatch.setattr(client, "CONNECT_TIMEOUT", 1.0)
+    where = ["--broker", f"mqtt://127.0.0.1:{free_port()}", "--fleet", "f"]
+    for args in (["push", str(adapter_file), "--name", "a1", "--key", str(key[0])],
+                 ["push", str(adapter_file), "--name", "a1", "--key", str(key[0]), "--wait-for", "1"],
+                 ["status", "--wait", "0.1"], ["remove", "a1", "--key", str(key[0])]):
+        out = CliRunner().invoke(main, ["fleet", *args, *where])
+        assert out.exit_code == 1 and "cannot reach the broker" in out.output, (args, out.output, out.exception)

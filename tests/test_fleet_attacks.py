@@ -54,11 +54,10 @@ def recorded(manifest, chunks) -> list[tuple[str, bytes]]:
 
 def forged(key_path, adapter_file, name: str, **fields) -> tuple[dict, list[tuple[str, bytes]]]:
     """A correctly signed manifest with whatever fields an operator's buggy tool (or a leaked old one) wrote."""
-    import onnxruntime as ort
+    from nomoat.edge.adapters import read_meta
 
     data = adapter_file.read_bytes()
-    meta = json.loads(ort.AdapterFormat.read_adapter(str(adapter_file)).get_parameters()["nomoat.meta"]
-                      .numpy().tobytes())
+    meta = read_meta(adapter_file)
     m = {"type": "adapter", "name": name, "version": 1, "base_model_hash": meta["base_model_hash"],
          "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "chunk_size": len(data),
          "chunks": [hashlib.sha256(data).hexdigest()], "created": time.time(), "expires": None,
