@@ -587,6 +587,24 @@ def fleet_push(adapter_file, name, fleet_name, broker, key, version, activate, s
                   chunk_size, expires_in, wait_for, timeout)
 
 
+def _superseded_chunks(settings, name: str, keep: int | None) -> list[tuple[str, bytes]]:
+    """Empty retained messages for the chunks of the adapter version the broker's manifest of `name` names, unless
+    it is version `keep`: a new order replaces that manifest, so no device will ask for those chunks again. Left
+    alone, every push's chunks stayed retained on the central broker and every site broker for ever, and a site's
+    bridge fetched them all again at each reconnect. (The manifest read is anyone's; at worst it names chunk topics
+    of this adapter that anyone could clear.)"""
+    from .client import collect_retained
+    from .fleet import MAX_MANIFEST, MAX_VERSION
+
+    topic = _adapter_topic(settings, name)
+    old = collect_retained(settings, topic, 1.0).get(topic, {})
+    version, chunks = old.get("version"), old.get("chunks")
+    if old.get("type") != "adapter" or type(version) is not int or not 0 <= version < MAX_VERSION \
+            or version == keep or not isinstance(chunks, list) or len(chunks) > MAX_MANIFEST // 64:
+        return []
+    return [(f"{topic}/{version}/{i}", b"") for i in range(len(chunks))]
+
+
 def _adapter_meta(adapter_file: Path) -> dict:
     from .adapters import read_meta
 
@@ -610,10 +628,14 @@ def _push_adapter(adapter_file: Path, name: str, version: int | None, key: Path,
                                   chunk_size, activate, scale, time.time() + expires_in if expires_in else None)
     base = _adapter_topic(settings, name)
     messages = [(f"{base}/{version}/{i}", c) for i, c in enumerate(chunks)]
+    with _broker_errors():
+        stale = _superseded_chunks(settings, name, version)
     messages.append((base, json.dumps(manifest).encode()))  # manifest last: chunks are there when it lands
     wire = sum(len(topic) + len(payload) for topic, payload in messages)
+    messages += stale  # cleared once the new manifest has replaced the one that named them
     summary = (f"pushed {name} v{version}: {manifest['size']} bytes in {len(chunks)} chunks "
-               f"({wire} bytes of topics and payloads) to fleet {settings.fleet}")
+               f"({wire} bytes of topics and payloads) to fleet {settings.fleet}"
+               + (f"; cleared the {len(stale)} retained chunks of the version it replaces" if stale else ""))
     if not wait_for:
         with _broker_errors():
             publish_all(settings, messages)
@@ -688,8 +710,10 @@ def _control(action, name, version, fleet_name, broker, key):
     m = control_manifest(action, name, version, load_key(Path(key)))
     settings = _fleet_settings(broker, fleet_name)
     with _broker_errors():
-        publish_all(settings, [(_adapter_topic(settings, name), json.dumps(m).encode())])
-    click.echo(f"{action} {name} published to fleet {settings.fleet}")
+        stale = _superseded_chunks(settings, name, None)
+        publish_all(settings, [(_adapter_topic(settings, name), json.dumps(m).encode()), *stale])
+    click.echo(f"{action} {name} published to fleet {settings.fleet}"
+               + (f"; cleared the {len(stale)} retained chunks of the push it replaces" if stale else ""))
 
 
 if __name__ == "__main__":

@@ -20,10 +20,10 @@ import pytest
 from click.testing import CliRunner
 from conftest import load_tool, mosquitto_path
 from nomoat.edge.cli import main as cli
-from nomoat.edge.client import ask
+from nomoat.edge.client import ask, collect_raw
 from nomoat.edge.daemon import Daemon
 from nomoat.edge.generate import Generator
-from nomoat.edge.profile import Profile
+from nomoat.edge.profile import MqttSettings, Profile
 from nomoat.edge.updater import AdapterUpdater
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -247,6 +247,15 @@ def test_a_fleet_push_reaches_every_device_on_both_sites_offline_ones_and_a_cut_
         for name in ("dev-a1", "dev-a2", "dev-b1"):
             assert "a1@v1" in lines[name], status.output
         assert "site-a" in status.output and "site-b" in status.output  # the bridges' state, from their notices
+        # the next push clears v1's retained chunks on the central broker, and the bridges carry that to the sites
+        out = CliRunner().invoke(cli, ["fleet", "--config", str(config), "push", str(adapter_file), "--name", "a1",
+                                       "--key", str(key_path), "--version", "2", "--chunk-size", "1024",
+                                       "--wait-for", "3", "--timeout", "30"])
+        assert out.exit_code == 0 and "cleared the" in out.output, out.output
+        for site, user in (("site-a", "dev-a1"), ("site-b", "dev-b1")):  # (a device's user may read adapters/#)
+            settings = MqttSettings(broker=topo.sites[site].url, fleet="home", username=user, password=PASSWORD)
+            held = collect_raw(settings, "nomoat/home/adapters/#", 1.0)
+            assert held and not [t for t in held if "/a1/1/" in t] and all(p for p in held.values()), held.keys()
     finally:
         for d in daemons:
             d.stop()

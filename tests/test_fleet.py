@@ -313,3 +313,43 @@ def test_operator_commands_without_a_broker_say_so(adapter_file, key, monkeypatc
                  ["status", "--wait", "0.1"], ["remove", "a1", "--key", str(key[0])]):
         out = CliRunner().invoke(main, ["fleet", *args, *where])
         assert out.exit_code == 1 and "cannot reach the broker" in out.output, (args, out.output, out.exception)
+
+
+def test_a_new_order_clears_the_retained_chunks_of_the_push_it_replaces(broker, slots, adapter_file, key, tmp_path):
+    """Every push left its chunks retained for ever (on a bridged fleet: on every broker, fetched again at each
+    bridge reconnect). A new push clears the previous version's chunks once its manifest has replaced the old
+    one; a removal clears the last push's. A device offline through both pushes still installs the latest."""
+    from click.testing import CliRunner
+    from nomoat.edge.cli import main
+    from nomoat.edge.client import collect_raw
+
+    key_path, pub = key
+    settings = MqttSettings(broker=broker.url, fleet="f")
+    where = ["--fleet", "f", "--broker", broker.url]
+
+    def retained() -> dict[str, int]:
+        return {t: len(p) for t, p in collect_raw(settings, "nomoat/f/adapters/#", 0.5).items()}
+
+    def push(version: int):
+        out = CliRunner().invoke(main, ["fleet", "push", str(adapter_file), "--name", "a1", "--key", str(key_path),
+                                        "--version", str(version), "--chunk-size", "2048", *where])
+        assert out.exit_code == 0, out.output
+        return out.output
+
+    push(1)
+    v1 = retained()
+    assert len(v1) > 2 and all(p > 0 for p in v1.values())
+    assert "cleared the" in push(2)
+    v2 = retained()
+    assert {t for t in v2 if "/a1/1/" in t} == set() and len({t for t in v2 if "/a1/2/" in t}) == len(v1) - 1
+    assert "cleared" not in push(2)  # the same version again: its own chunks stay
+    events = Events(broker)
+    d = start_device(broker, slots, "late", tmp_path / "late", pub)  # offline through both pushes
+    try:
+        assert events.wait("installed", "late")["version"] == 2
+    finally:
+        d.stop()
+        events.close()
+    out = CliRunner().invoke(main, ["fleet", "remove", "a1", "--key", str(key_path), *where])
+    assert out.exit_code == 0 and "cleared the" in out.output, out.output
+    assert list(retained()) == ["nomoat/f/adapters/a1"]  # the signed removal order alone

@@ -112,9 +112,12 @@ def run(n: int, n_sites: int, model: Path, adapter: Path, key: Path, pub: str, p
                                       128 * 1024, True)
         base = "nomoat/home/adapters/a1"
         messages = [(f"{base}/1/{i}", c) for i, c in enumerate(chunks)] + [(base, json.dumps(manifest).encode())]
+        brokers = {"central": topo.central, **topo.sites}
+        cpu = {k: sites.cpu_s(b.proc.pid) for k, b in brokers.items()}
         events = push_and_watch(topo.operator(), messages, "a1", 1, n, "activated", timeout=60 + 2 * n)
         times = [e["seconds"] for e in events if e["event"] == "activated"]
-        result["push"] = {"adapter_bytes": manifest["size"], "chunks": len(chunks), "activated": len(times),
+        result["push"] = {"broker_cpu_s": {k: round(sites.cpu_s(b.proc.pid) - cpu[k], 2) for k, b in brokers.items()},
+                          "adapter_bytes": manifest["size"], "chunks": len(chunks), "activated": len(times),
                           "rejected": sum(e["event"] == "rejected" for e in events),
                           "first_s": min(times, default=None), "median_s": statistics.median(times) if times else None,
                           "last_s": max(times, default=None)}
@@ -122,6 +125,7 @@ def run(n: int, n_sites: int, model: Path, adapter: Path, key: Path, pub: str, p
         # pool: `prompts` per device at once, no Response Topic (the fallback topic names the device)
         ids = [f"pool-{uuid.uuid4().hex[:8]}-{i}" for i in range(prompts * n)]
         seen.clear()
+        cpu = {k: sites.cpu_s(b.proc.pid) for k, b in brokers.items()}
         sent = time.perf_counter()
         publish_all(topo.operator(), [("nomoat/home/prompt", json.dumps(
             {"id": rid, "prompt": "The capital", "max_tokens": 4, "stream": False}).encode()) for rid in ids],
@@ -147,6 +151,7 @@ def run(n: int, n_sites: int, model: Path, adapter: Path, key: Path, pub: str, p
         for rid in answered:
             by_device[finals[rid][0][1]] = by_device.get(finals[rid][0][1], 0) + 1
         result["pool"] = {
+            "broker_cpu_s": {k: round(sites.cpu_s(b.proc.pid) - cpu[k], 2) for k, b in brokers.items()},
             "prompts": len(ids), "answered": len(answered), "lost": len(ids) - len(answered),
             "twice": sum(len(finals[r]) > 1 for r in answered),
             "errors": sum("error" in finals[r][0][2] for r in answered),
@@ -175,14 +180,15 @@ def run(n: int, n_sites: int, model: Path, adapter: Path, key: Path, pub: str, p
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| devices | start-up s | push: activated, first / median / last s | pool: prompts, answered once, "
-            "lost, twice, all answered s, devices used | RSS MiB: central / site brokers / daemon mean |",
-            "|---|---|---|---|---|"]
+    rows = ["| devices | start-up s | push: activated, first / median / last s | push: broker CPU s, central / "
+            "sites | pool: prompts, answered once, lost, twice, all answered s, devices used | RSS MiB: central / "
+            "site brokers / daemon mean |", "|---|---|---|---|---|---|"]
     for r in results:
         p, q, m = r["push"], r["pool"], r["memory_mib"]
         site_rss = " / ".join(str(v) for k, v in m.items() if k.startswith("site-"))
+        cpu = " / ".join(str(v) for v in p["broker_cpu_s"].values())
         rows.append(f"| {r['devices']} | {r['startup_s']} | {p['activated']}, {p['first_s']} / {p['median_s']} / "
-                    f"{p['last_s']} | {q['prompts']}, {q['answered'] - q['twice']}, {q['lost']}, {q['twice']}, "
+                    f"{p['last_s']} | {cpu} | {q['prompts']}, {q['answered'] - q['twice']}, {q['lost']}, {q['twice']}, "
                     f"{q['all_answered_s']}, {q['devices_used']} | {m['central']} / {site_rss} / {m['daemon_mean']} |")
     return "\n".join(rows)
 
