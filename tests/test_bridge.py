@@ -376,3 +376,14 @@ def test_a_prompt_for_a_cut_off_site_waits_on_the_central_broker_and_is_answered
     finally:
         d.stop()
         central.close()
+
+
+def test_the_many_devices_harness_on_four_daemons(tmp_path):
+    """tools/fleet_scale.py at N = 4 (the README's figures come from N = 10 … 100): every device activates the
+    push and every pool prompt is answered exactly once."""
+    scale = load_tool("fleet_scale")
+    model, adapter, key, pub = scale.build_model(tmp_path / "model")
+    r = scale.run(4, 2, model, adapter, key, pub, prompts=2)
+    assert r["online"] == 4 and r["push"]["activated"] == 4 and r["push"]["chunks"] == 29
+    assert r["pool"]["answered"] == 8 and r["pool"]["lost"] == 0 and r["pool"]["twice"] == 0
+    assert sum(r["pool"]["per_site"].values()) == 8 and all(r["pool"]["per_site"].values())

@@ -119,7 +119,7 @@ def run(n: int, n_sites: int, model: Path, adapter: Path, key: Path, pub: str, p
         result["push"] = {"broker_cpu_s": {k: round(sites.cpu_s(b.proc.pid) - cpu[k], 2) for k, b in brokers.items()},
                           "adapter_bytes": manifest["size"], "chunks": len(chunks), "activated": len(times),
                           "rejected": sum(e["event"] == "rejected" for e in events),
-                          "first_s": min(times, default=None), "median_s": statistics.median(times) if times else None,
+                          "first_s": min(times, default=None), "median_s": round(statistics.median(times), 3) if times else None,
                           "last_s": max(times, default=None)}
 
         # pool: `prompts` per device at once, no Response Topic (the fallback topic names the device)
