@@ -236,15 +236,16 @@ class Topology:
 
         return MqttSettings(broker=self.central.url, fleet=FLEET, username="operator", password=PASSWORD)
 
-    def bridge_states(self) -> dict[str, str]:
-        """Each site's bridge notification as the central broker holds it ("1" up, "0" down)."""
+    def bridge_states(self, which: str = "bridge") -> dict[str, str]:
+        """Each site's bridge notification as the central broker holds it ("1" up, "0" down); `which`: "bridge"
+        (the devices' connection) or "pool"."""
         import paho.mqtt.client as mqtt
 
         found: dict[str, str] = {}
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         c.username_pw_set("operator", PASSWORD)
         c.on_message = lambda cl, u, m: found.__setitem__(m.topic.split("/")[3], m.payload.decode())
-        c.on_connect = lambda cl, u, f, r, p: cl.subscribe(f"nomoat/{FLEET}/sites/+/bridge", qos=1)
+        c.on_connect = lambda cl, u, f, r, p: cl.subscribe(f"nomoat/{FLEET}/sites/+/{which}", qos=1)
         c.connect("127.0.0.1", self.central.port)
         c.loop_start()
         time.sleep(0.5)
@@ -252,13 +253,14 @@ class Topology:
         c.loop_stop()
         return found
 
-    def wait_bridges(self, state: str = "1", timeout: float = 30) -> None:
+    def wait_bridges(self, state: str = "1", timeout: float = 60) -> None:
+        """Until both connections of every site's bridge are in `state`."""
         end = time.time() + timeout
         while time.time() < end:
-            states = self.bridge_states()
-            if all(states.get(s) == state for s in self.site_names):
+            states = [self.bridge_states(), self.bridge_states("pool")]
+            if all(s.get(site) == state for s in states for site in self.site_names):
                 return
-        raise RuntimeError(f"bridges are not all {state!r}: {self.bridge_states()}")
+        raise RuntimeError(f"bridges are not all {state!r}: {self.bridge_states()} {self.bridge_states('pool')}")
 
     def close(self) -> None:
         for b in [*self.sites.values(), self.central]:

@@ -4,6 +4,8 @@
 - start-up: time until every device's retained status is on the central broker;
 - push: `fleet push --activate` of a signed adapter from the central broker, time until each device reports
   `activated` (first, median, last);
+- a cut-off site: the next version pushed while one site's link is down, how long its devices take to catch up
+  once the link is back;
 - pool: 2N prompts published at once to the fleet pool on the central broker; each must be answered exactly once
   (none lost, none twice), and how they spread over sites and devices;
 - memory: RSS of each broker and of the daemons.
@@ -119,8 +121,38 @@ def run(n: int, n_sites: int, model: Path, adapter: Path, key: Path, pub: str, p
         result["push"] = {"broker_cpu_s": {k: round(sites.cpu_s(b.proc.pid) - cpu[k], 2) for k, b in brokers.items()},
                           "adapter_bytes": manifest["size"], "chunks": len(chunks), "activated": len(times),
                           "rejected": sum(e["event"] == "rejected" for e in events),
-                          "first_s": min(times, default=None), "median_s": round(statistics.median(times), 3) if times else None,
+                          "first_s": min(times, default=None),
+                          "median_s": round(statistics.median(times), 3) if times else None,
                           "last_s": max(times, default=None)}
+
+        # the next version while the last site's link is down: the other sites activate it, then the cut site
+        # catches up when its bridge reconnects (retained manifest and chunks come again at the subscription)
+        cut = names[-1]
+        topo.relays[cut].cut()
+        manifest, chunks = build_push(adapter, "a1", 2, read_meta(adapter)["base_model_hash"], load_key(key),
+                                      128 * 1024, True)
+        messages = [(f"{base}/2/{i}", c) for i, c in enumerate(chunks)] + [(base, json.dumps(manifest).encode())]
+        reachable = n - len(devices[cut])
+        events = push_and_watch(topo.operator(), messages, "a1", 2, reachable, "activated", timeout=60 + 2 * n)
+        watch: list = []
+        watcher = central_client(topo, ["nomoat/home/+/events"], watch)
+        restored = time.perf_counter()
+        topo.relays[cut].restore()
+        caught_up: set[str] = set()
+        while len(caught_up) < len(devices[cut]) and time.perf_counter() - restored < 60 + 2 * n:
+            for _, _, payload in list(watch):
+                e = json.loads(payload)
+                if e.get("event") == "activated" and e.get("version") == 2 and e.get("device") in devices[cut]:
+                    caught_up.add(e["device"])
+            time.sleep(0.1)
+        catch_up_s = round(time.perf_counter() - restored, 2)
+        topo.wait_bridges()  # (the pool's bridge too, before the pool's prompts)
+        result["cut_site"] = {"site": cut, "others_activated": sum(e["event"] == "activated" for e in events),
+                              "others_last_s": max((e["seconds"] for e in events), default=None),
+                              "cut_site_devices": len(devices[cut]), "caught_up": len(caught_up),
+                              "caught_up_after_link_s": catch_up_s}
+        watcher.disconnect()
+        watcher.loop_stop()
 
         # pool: `prompts` per device at once, no Response Topic (the fallback topic names the device)
         ids = [f"pool-{uuid.uuid4().hex[:8]}-{i}" for i in range(prompts * n)]
@@ -179,6 +211,16 @@ def run(n: int, n_sites: int, model: Path, adapter: Path, key: Path, pub: str, p
     return result
 
 
+def cut_table(results: list[dict]) -> str:
+    rows = ["| devices | v2 pushed with one site cut off: others activated, last s | that site's devices caught up, "
+            "s after its link came back |", "|---|---|---|"]
+    for r in results:
+        c = r["cut_site"]
+        rows.append(f"| {r['devices']} | {c['others_activated']}, {c['others_last_s']} | {c['caught_up']} of "
+                    f"{c['cut_site_devices']}, {c['caught_up_after_link_s']} |")
+    return "\n".join(rows)
+
+
 def table(results: list[dict]) -> str:
     rows = ["| devices | start-up s | push: activated, first / median / last s | push: broker CPU s, central / "
             "sites | pool: prompts, answered once, lost, twice, all answered s, devices used | RSS MiB: central / "
@@ -208,6 +250,8 @@ def main() -> None:
         print(json.dumps(r), flush=True)
         results.append(r)
     print(table(results))
+    print()
+    print(cut_table(results))
 
 
 if __name__ == "__main__":
