@@ -175,7 +175,14 @@ def collect_raw(settings: MqttSettings, topic: str | list[str], seconds: float =
 
     client.on_connect = on_connect
     client.on_subscribe = lambda c, u, mid, reasons, p: subscribed.put("subscribed")
-    client.on_message = lambda c, u, msg: found.__setitem__(msg.topic, msg.payload)
+
+    def on_message(c, u, msg):
+        if msg.payload:
+            found[msg.topic] = msg.payload
+        else:  # an empty message clears a retained one (someone did so while we listened)
+            found.pop(msg.topic, None)
+
+    client.on_message = on_message
     connect(client, settings)
     client.loop_start()
     try:
