@@ -134,6 +134,11 @@ def adapter_pack(peft_dir, model_dir, output, name, version, dtype):
 @click.option("--eval-split", type=float, default=0.1, show_default=True, help="Share of the examples held out.")
 @click.option("--samples", type=int, default=3, show_default=True,
               help="Held-out prompts answered by the base and the adapted model, side by side.")
+@click.option("--preserve", type=click.Path(), default=None,
+              help="JSONL of prompts whose answers must stay the base's (a training file works: its answers are "
+                   "ignored). Their base answers are learned beside --data, so that adapters stack.")
+@click.option("--preserve-tokens", type=int, default=64, show_default=True,
+              help="For --preserve: the base's answers are learned up to this many tokens.")
 @click.option("--device", "train_device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="auto: a GPU when torch sees one.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
@@ -156,7 +161,7 @@ def adapter_pack(peft_dir, model_dir, output, name, version, dtype):
 @click.option("--wait-for", type=int, default=0, metavar="N", help="For --push: wait until N devices report it.")
 @click.option("--timeout", type=float, default=300.0, show_default=True)
 def tune(base, data, output, model_folder, rank, alpha, targets, epochs, steps, learning_rate, batch_size, max_length,
-         seed, eval_split, samples, train_device, force, quiet, push, name, key, fleet_name, broker, config_file,
+         seed, eval_split, samples, preserve, preserve_tokens, train_device, force, quiet, push, name, key, fleet_name, broker, config_file,
          version, prefix, activate, dtype, chunk_size, expires_in, wait_for, timeout):
     """Train a LoRA adapter on BASE (a Hugging Face folder or the GGUF the device model came from) with your
     examples; writes a PEFT folder that `adapter pack` and `export --lora` take as it is."""
@@ -173,10 +178,10 @@ def tune(base, data, output, model_folder, rank, alpha, targets, epochs, steps, 
     opts = TuneOptions(rank=rank, alpha=alpha if alpha is not None else 2.0 * rank, epochs=epochs, steps=steps,
                        targets=tuple(t.strip() for t in targets.split(",") if t.strip()) if targets else (),
                        learning_rate=learning_rate, batch_size=batch_size, max_length=max_length, seed=seed,
-                       eval_split=eval_split, samples=samples, device=train_device)
+                       eval_split=eval_split, samples=samples, device=train_device, preserve_tokens=preserve_tokens)
     try:
         report = run_tune(base, data, output, opts, model_folder, force=force, log=lambda m: click.echo(m, err=True),
-                          progress=not quiet)
+                          progress=not quiet, preserve=preserve)
     except ExportError as e:
         _fail(e)
     click.echo(format_report(report, Path(output)))

@@ -51,6 +51,7 @@ class TuneOptions:
     samples: int = 3  # held-out prompts answered by the base and the adapted model side by side
     sample_tokens: int = 48
     device: str = "auto"
+    preserve_tokens: int = 64  # --preserve: the base's answers are learned up to this many tokens
 
 
 @dataclass
@@ -103,6 +104,44 @@ def read_examples(path: Path) -> list[dict]:
     return out
 
 
+def read_prompts(path: Path) -> list[dict]:
+    """--preserve's prompts: {"prompt"} or {"messages"} per line, as a client sends them. Training files work as
+    they are: a completion, or the assistant turns at the end of a conversation, are left out."""
+    if not path.is_file():
+        raise ExportError(f"preserve file not found: {path}")
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path.name}:{n}"
+        try:
+            ex = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ExportError(f"{where}: not JSON ({e.msg})") from None
+        if isinstance(ex, dict) and isinstance(ex.get("prompt"), str) and ex["prompt"]:
+            out.append({"prompt": ex["prompt"]})
+            continue
+        msgs = ex.get("messages") if isinstance(ex, dict) else None
+        if (not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                  and isinstance(m.get("content"), str) for m in msgs)):
+            raise ExportError(f"{where}: expected a \"prompt\" string or \"messages\"")
+        while msgs and msgs[-1]["role"] == "assistant":
+            msgs = msgs[:-1]
+        if not msgs:
+            raise ExportError(f"{where}: no message before the assistant's answer")
+        out.append({"messages": msgs})
+    if not out:
+        raise ExportError(f"{path} holds no prompts")
+    return out
+
+
+def preserved(prompt_ids_: list[int], answer: list[int], stopped: bool, eos_id: int) -> Encoded:
+    """A --preserve example: the prompt, then the base's own answer (with its end, where it ended), whose positions
+    are the ones held to the base's distributions."""
+    answer = answer + ([eos_id] if stopped else [])
+    return Encoded(prompt_ids_ + answer, [IGNORE] * len(prompt_ids_) + answer)
+
+
 def to_example(ex: dict, tok: Tokenizer) -> Example:
     if "messages" not in ex:
         return Example([(ex["prompt"], False), (ex["completion"], True)], True, {"prompt": ex["prompt"]},
@@ -143,10 +182,11 @@ def encode(ex: Example, tok: Tokenizer, eos_id: int, max_length: int) -> tuple[E
     return Encoded(ids[:max_length], labels[:max_length]), cut
 
 
-def prompt_ids(ex: Example, tok: Tokenizer) -> list[int]:
-    if "messages" in ex.prompt:
-        return tok.encode(tok.chat(ex.prompt["messages"], add_generation_prompt=True), add_special_tokens=False)
-    return tok.encode(ex.prompt["prompt"])
+def prompt_ids(request: dict, tok: Tokenizer) -> list[int]:
+    """The tokens the device feeds for a request ({"prompt"} or {"messages"})."""
+    if "messages" in request:
+        return tok.encode(tok.chat(request["messages"], add_generation_prompt=True), add_special_tokens=False)
+    return tok.encode(request["prompt"])
 
 
 def _device_tokenizer(base: Path, model_folder: Path | None, scratch: Path) -> tuple[Tokenizer, list[int]]:
@@ -205,17 +245,35 @@ def _batches(data: list[Encoded], size: int, rng: random.Random, pad_id: int):
         yield ids, labels, mask
 
 
-def _loss(model, ids, labels, mask):
-    """Mean cross-entropy over the labelled tokens. The lm_head (vocab x hidden, the largest matrix of a small
-    model) runs only where a token is labelled: a chat example's system prompt and question cost no logits."""
-    import torch
-
+def _labelled_logits(model, ids, labels, mask):
+    """Logits where the next token is labelled, and those tokens. The lm_head (vocab x hidden, the largest matrix of
+    a small model) runs only there: a chat example's system prompt and question cost no logits."""
     base = model.get_base_model()
     hidden = base.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
     target = labels[:, 1:]
     keep = target != IGNORE
-    logits = base.lm_head(hidden[keep])
-    return torch.nn.functional.cross_entropy(logits.float(), target[keep], reduction="sum"), int(keep.sum())
+    return base.lm_head(hidden[keep]).float(), target[keep]
+
+
+def _loss(model, ids, labels, mask):
+    """Summed cross-entropy over the labelled tokens, and their count."""
+    import torch
+
+    logits, target = _labelled_logits(model, ids, labels, mask)
+    return torch.nn.functional.cross_entropy(logits, target, reduction="sum"), len(target)
+
+
+def _drift(model, ids, labels, mask):
+    """Mean KL divergence from the base's next-token distributions to the adapted model's, over the labelled
+    positions of --preserve examples: zero where the adapter changes nothing there."""
+    import torch
+
+    with torch.no_grad(), model.disable_adapter():
+        base_logits, _ = _labelled_logits(model, ids, labels, mask)
+    logits, target = _labelled_logits(model, ids, labels, mask)
+    log_p = torch.nn.functional.log_softmax(logits, -1)
+    return torch.nn.functional.kl_div(log_p, torch.nn.functional.log_softmax(base_logits, -1), log_target=True,
+                                      reduction="sum") / max(len(target), 1)
 
 
 def held_out_loss(model, data: list[Encoded], batch_size: int, pad_id: int, device) -> float:
@@ -242,13 +300,40 @@ def greedy(model, ids: list[int], n: int, eos: list[int], device) -> list[int]:
     return new[: next((i for i, t in enumerate(new) if t in eos), len(new))]
 
 
+def greedy_batch(model, prompts: list[list[int]], n: int, eos: list[int], device, batch_size: int = 16
+                 ) -> list[tuple[list[int], bool]]:
+    """Greedy answers to many prompts (left-padded batches): (tokens before any end token, whether it ended)."""
+    import torch
+
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), eos[0], dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, p in enumerate(chunk):
+            ids[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=n,
+                                 do_sample=False, eos_token_id=eos, pad_token_id=eos[0])
+        for row in gen[:, width:].tolist():
+            end = next((j for j, t in enumerate(row) if t in eos), None)
+            out.append((row[:end] if end is not None else row, end is not None))
+    return out
+
+
 def data_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def tune(base: str | Path, data: str | Path, out: str | Path, opts: TuneOptions, model_folder: str | Path | None = None,
-         force: bool = False, log=print, progress: bool = True) -> dict:
-    """Train, write the PEFT folder (with tune_report.json) atomically, return the report."""
+         force: bool = False, log=print, progress: bool = True, preserve: str | Path | None = None) -> dict:
+    """Train, write the PEFT folder (with tune_report.json) atomically, return the report.
+
+    preserve: prompts (JSONL) whose answers the adapter must leave as the base gives them. tune answers them
+    with the base first, then trains on those answers beside the data: an adapter that changes only what its
+    data asks for, so that adapters trained apart can be stacked."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -267,6 +352,7 @@ def tune(base: str | Path, data: str | Path, out: str | Path, opts: TuneOptions,
     if opts.rank < 1 or opts.batch_size < 1 or opts.max_length < 2 or not 0 <= opts.eval_split < 1:
         raise ExportError("rank, batch size and max length must be positive, and the held-out share in [0, 1)")
     raw = read_examples(data)
+    keep_prompts = read_prompts(Path(preserve)) if preserve else []
     try:
         opts = slot_defaults(model_folder, base, opts)
     except ModelError as e:
@@ -308,12 +394,27 @@ def tune(base: str | Path, data: str | Path, out: str | Path, opts: TuneOptions,
 
         t_load = time.time()
         model = load_reference(base).to(device)
+        load_s = time.time() - t_load
+        keep: list[tuple[list[int], list[int], bool]] = []  # (prompt, the base's answer, whether it ended)
+        if keep_prompts:
+            t_keep = time.time()
+            try:
+                asked = [prompt_ids(p, tok) for p in keep_prompts]
+            except ModelError as e:  # no chat template
+                raise ExportError(f"{Path(preserve).name} has chat messages, but {e}") from None
+            except ValueError as e:  # the template's raise_exception
+                raise ExportError(f"the chat template refused a prompt of {Path(preserve).name}: {e}") from None
+            answers = greedy_batch(model, asked, opts.preserve_tokens, eos, device)
+            keep = [(a, ans, ended) for a, (ans, ended) in zip(asked, answers, strict=True)]
+            log(f"preserve: the base answered {len(keep)} prompts of {Path(preserve).name} in "
+                f"{time.time() - t_keep:.0f} s ({sum(len(k[1]) for k in keep)} tokens); each step also holds the "
+                f"adapted model to the base's distributions on {min(opts.batch_size, len(keep))} of them")
+        keep_data = [preserved(a, ans, ended, eos[0]) for a, ans, ended in keep]
         torch.manual_seed(opts.seed)  # the LoRA A initialisation
         config = LoraConfig(r=opts.rank, lora_alpha=opts.alpha, target_modules=list(opts.targets), lora_dropout=0.0,
                             bias="none", task_type="CAUSAL_LM")
         model = get_peft_model(model, config)
         pad_id = eos[0]
-        load_s = time.time() - t_load
 
         before = held_out_loss(model, eval_data, opts.batch_size, pad_id, device)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -324,7 +425,10 @@ def tune(base: str | Path, data: str | Path, out: str | Path, opts: TuneOptions,
 
         t_train = time.time()
         losses: list[float] = []
+        drifts: list[float] = []
         rng = random.Random(opts.seed)
+        keep_rng = random.Random(opts.seed + 1)
+        keep_batches = iter(())
         model.train()
         from tqdm.auto import tqdm
 
@@ -333,7 +437,16 @@ def tune(base: str | Path, data: str | Path, out: str | Path, opts: TuneOptions,
         while step < total_steps:
             for ids, labels, mask in _batches(train_data, opts.batch_size, rng, pad_id):
                 loss, n = _loss(model, ids.to(device), labels.to(device), mask.to(device))
-                (loss / max(n, 1)).backward()
+                total = loss / max(n, 1)
+                if keep_data:  # a batch of --preserve examples beside each batch of data, cycling through them
+                    batch = next(keep_batches, None)
+                    if batch is None:
+                        keep_batches = _batches(keep_data, opts.batch_size, keep_rng, pad_id)
+                        batch = next(keep_batches)
+                    drift = _drift(model, *(t.to(device) for t in batch))
+                    drifts.append(float(drift.detach()))
+                    total = total + drift
+                total.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optim.step()
                 schedule.step()
@@ -351,13 +464,18 @@ def tune(base: str | Path, data: str | Path, out: str | Path, opts: TuneOptions,
 
         samples = []
         for i in eval_idx[: opts.samples]:
-            ids = prompt_ids(examples[i], tok)
+            ids = prompt_ids(examples[i].prompt, tok)
             with model.disable_adapter():
                 base_ids = greedy(model, ids, opts.sample_tokens, eos, device)
             tuned_ids = greedy(model, ids, opts.sample_tokens, eos, device)
             samples.append({**examples[i].prompt, "wanted": examples[i].wanted, "base": tok.decode(base_ids),
                             "adapted": tok.decode(tuned_ids)})
 
+        kept = None
+        if keep:  # how many of (up to 32 of) the preserved answers the adapted model still gives, token for token
+            check = keep[:: max(1, len(keep) // 32)][:32]
+            again = greedy_batch(model, [a for a, _, _ in check], opts.preserve_tokens, eos, device)
+            kept = sum(new == (ans, ended) for (_, ans, ended), new in zip(check, again, strict=True)) / len(check)
         report = {
             "base": base.name, "data": data.name, "data_sha256": data_hash(data),
             "for_model": model_folder.name if model_folder else None,
@@ -367,6 +485,8 @@ def tune(base: str | Path, data: str | Path, out: str | Path, opts: TuneOptions,
             "train_loss": {"first": losses[0], "last10": sum(losses[-10:]) / len(losses[-10:])},
             "seconds": {"load": round(load_s, 1), "train": round(train_s, 1), "total": 0.0},
             "device": device.type, "torch_threads": torch.get_num_threads(), "samples": samples,
+            "preserve": {"file": Path(preserve).name, "prompts": len(keep), "answer_tokens": sum(len(k[1]) for k in keep),
+                         "drift_last10": sum(drifts[-10:]) / len(drifts[-10:]), "kept": kept} if keep else None,
         }
         with folder_in_place(out) as tmp:
             model.save_pretrained(str(tmp), save_embedding_layers=False)  # only LoRA weights: no base config check
@@ -396,6 +516,10 @@ def format_report(report: dict, out: Path) -> str:
         asked = s.get("prompt") or s["messages"][-1]["content"]
         lines += [f"prompt:  {asked!r}", f"  base:    {s['base']!r}", f"  adapted: {s['adapted']!r}",
                   f"  wanted:  {s['wanted']!r}"]
+    if report.get("preserve"):
+        p = report["preserve"]
+        lines.append(f"preserve: {p['kept']:.0%} of the checked prompts of {p['file']} keep the base's answer, "
+                     f"token for token")
     sec = report["seconds"]
     lines.append(f"wrote {out}: LoRA rank {report['options']['rank']} on {','.join(report['options']['targets'])}, "
                  f"{report['steps']} steps in {sec['train']:.0f} s ({sec['total']:.0f} s in all, "

@@ -35,9 +35,9 @@ def answer(gen: Generator, prompt: str, adapters=()) -> str:
     return gen.tokenizer.decode(gen.generate(gen.tokenizer.encode(prompt), max_tokens=6, adapters=adapters).tokens)
 
 
-def quick(base, data, out, model=None, **kw) -> dict:
+def quick(base, data, out, model=None, preserve=None, **kw) -> dict:
     opts = TuneOptions(**{"learning_rate": 1e-2, "epochs": 5, "rank": 4, "alpha": 8, **kw})
-    return tune(base, data, out, opts, model, force=True, log=lambda *_: None, progress=False)
+    return tune(base, data, out, opts, model, force=True, log=lambda *_: None, progress=False, preserve=preserve)
 
 
 @pytest.mark.mqtt
@@ -98,6 +98,43 @@ def test_two_adapters_trained_apart_work_stacked(tiny, slots, tmp_path):
     # the same PEFT folder merged into the weights by `nomoat export --lora`
     merged = Generator(export(tiny, tmp_path / "merged", loras=[(tmp_path / "a", 1.0)], precision="fp32"))
     assert answer(merged, "code: lazy fox") == " 東京"
+
+
+def drift(base: Path, adapter: Path, prompts: list[str], gen: Generator) -> float:
+    """Mean KL divergence from the base's next-token distribution to the adapted model's after each prompt."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+    total = 0.0
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([gen.tokenizer.encode(p)])
+            with model.disable_adapter():
+                base_logp = torch.log_softmax(model(ids).logits[0, -1], -1)
+            logp = torch.log_softmax(model(ids).logits[0, -1], -1)
+            total += float((base_logp.exp() * (base_logp - logp)).sum())
+    return total / len(prompts)
+
+
+def test_preserve_holds_the_base_outside_the_adapters_task(tiny, slots, tmp_path):
+    """--preserve: prompts of another pattern, answered by the base, on which each training step holds the adapted
+    model to the base's distributions. The adapter still learns its task; on new prompts of the preserved pattern
+    it moves the base's next-token distribution far less than the same training without --preserve."""
+    gen = Generator(slots)
+    data = synthetic(tmp_path / "code.jsonl", "code:", " 東京")
+    keep = synthetic(tmp_path / "dog.jsonl", "dog:", "(ignored)", seed=7)
+    unseen = [f"dog: {w} {v}" for w in WORDS[:6] for v in WORDS[6:10]]
+    moved = {}
+    for name, extra in (("plain", {}), ("kept", {"preserve": keep})):
+        report = quick(tiny, data, tmp_path / name, slots, preserve_tokens=6, **extra)
+        pack_adapter(tmp_path / name, slots, tmp_path / f"{name}.onnx_adapter", name=name)
+        gen.load_adapter(tmp_path / f"{name}.onnx_adapter", name)
+        assert answer(gen, "code: lazy fox", ((name, 1.0),)) == " 東京"
+        moved[name] = drift(tiny, tmp_path / name, unseen, gen)
+    assert report["preserve"]["prompts"] == 60 and report["preserve"]["drift_last10"] < 0.1
+    assert moved["kept"] < moved["plain"] / 5, moved
 
 
 def test_same_seed_same_adapter_and_the_files_peft_reads(tiny, tmp_path):
