@@ -136,9 +136,10 @@ def adapter_pack(peft_dir, model_dir, output, name, version, dtype):
               help="Held-out prompts answered by the base and the adapted model, side by side.")
 @click.option("--preserve", type=click.Path(), default=None,
               help="JSONL of prompts whose answers must stay the base's (a training file works: its answers are "
-                   "ignored). Their base answers are learned beside --data, so that adapters stack.")
+                   "ignored). Each step also holds the adapted model to the base's next-token distributions on "
+                   "them, so that adapters trained apart stack.")
 @click.option("--preserve-tokens", type=int, default=64, show_default=True,
-              help="For --preserve: the base's answers are learned up to this many tokens.")
+              help="For --preserve: how many tokens of the base's answer to each prompt are held.")
 @click.option("--device", "train_device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="auto: a GPU when torch sees one.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
