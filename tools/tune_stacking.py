@@ -5,6 +5,9 @@ adapter alone, and both stacked; the table gives the share of answers with each 
     nomoat tune GGUF --data examples/home-intents/train.jsonl -o /tmp/home --for models/smollm2-135m-slots16
     nomoat tune GGUF --data examples/caps-tone/train.jsonl -o /tmp/caps --for models/smollm2-135m-slots16
     .venv/bin/python tools/tune_stacking.py /tmp/home /tmp/caps
+
+Adapters that stack: train each with the other's prompts preserved (`--preserve examples/caps-tone/train.jsonl`
+for home, `--preserve examples/home-intents/train.jsonl` for caps), then run this on those two folders.
 """
 
 from __future__ import annotations
