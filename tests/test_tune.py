@@ -192,6 +192,22 @@ def test_bad_data_named_by_line(tiny, tmp_path, lines, message):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("lines, message", [
+    (['{"prompt": "a"}', "[1]"], "p.jsonl:2: expected a \"prompt\" string or \"messages\""),
+    (['{"messages": [{"role": "assistant", "content": "hi"}]}'], "p.jsonl:1: no message before"),
+    (['{"prompt": ""}'], "p.jsonl:1: expected"),
+    ([""], "holds no prompts"),
+    (None, "preserve file not found"),
+])
+def test_bad_preserve_prompts_named_by_line(tiny, tmp_path, lines, message):
+    data = synthetic(tmp_path / "d.jsonl", "code:", " x", n=12)
+    if lines is not None:
+        (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ExportError, match=message):
+        quick(tiny, data, tmp_path / "out", preserve=tmp_path / "p.jsonl")
+    assert not (tmp_path / "out").exists()
+
+
 def test_adapter_must_fit_the_device_model(tiny, tiny_tied, slots, exported, tmp_path):
     data = synthetic(tmp_path / "d.jsonl", "code:", " 東京")
     with pytest.raises(ExportError, match="exceeds .* slot rank 8"):
@@ -248,3 +264,14 @@ def test_next_version_ignores_forged_statuses(broker):
     assert next_version(MqttSettings(broker=broker.url, fleet="f"), "code", 1.0) == 5
     result = CliRunner().invoke(main, ["fleet", "status", "--fleet", "f", "--broker", broker.url, "--wait", "1"])
     assert result.exit_code == 0 and "code@v4" in result.output, result.output
+
+
+def test_cli_preserve_reports_agreement_with_the_base(tiny, tmp_path):
+    data = synthetic(tmp_path / "d.jsonl", "code:", " x", n=12)
+    keep = synthetic(tmp_path / "k.jsonl", "dog:", "(ignored)", n=12, seed=3)
+    out = CliRunner().invoke(main, ["tune", str(tiny), "--data", str(data), "-o", str(tmp_path / "a"), "--steps", "2",
+                                    "--preserve", str(keep), "--preserve-tokens", "4", "--quiet"])
+    assert out.exit_code == 0, out.output
+    assert "the adapted model picks the base's token" in out.output
+    report = json.loads((tmp_path / "a" / "tune_report.json").read_text())
+    assert report["preserve"]["prompts"] == 12 and 0 <= report["preserve"]["kept"] <= 1
