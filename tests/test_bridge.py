@@ -387,3 +387,36 @@ def test_the_many_devices_harness_on_four_daemons(tmp_path):
     assert r["online"] == 4 and r["push"]["activated"] == 4 and r["push"]["chunks"] == 29
     assert r["pool"]["answered"] == 8 and r["pool"]["lost"] == 0 and r["pool"]["twice"] == 0
     assert sum(r["pool"]["per_site"].values()) == 8 and all(r["pool"]["per_site"].values())
+
+
+def test_a_pool_per_site_through_a_bridge_topic_mapping(tmp_path, slots):
+    """docs/deployment.md's alternative to the fleet-wide pool: each site's pool bridge maps
+    nomoat/home/pools/SITE/prompt on the central broker to the site's own pool topic, so a client picks the site
+    and the site's devices share its prompts."""
+    mapping = {"topic $share/": "topic prompt in 1 nomoat/home/ nomoat/home/pools/site-a/"}
+    topo = sites.Topology(2, DEVICES, folder=tmp_path / "brokers", site_overrides=mapping)
+    daemons = []
+    try:
+        topo.wait_bridges()
+        central = Central(topo, "nomoat/home/+/reply/#", "nomoat/home/+/status")
+        daemons = [device(topo, s, n, slots) for s, n in (("site-a", "dev-a1"), ("site-a", "dev-a2"),
+                                                            ("site-b", "dev-b1"))]
+        for d in ("dev-a1", "dev-a2", "dev-b1"):
+            central.wait(state_is(d, "online"), earlier=True)
+        for site, expected in (("site-a", {"dev-a1", "dev-a2"}), ("site-b", {"dev-b1"})):
+            ids = [f"{site}-{i}" for i in range(6)]
+            for rid in ids:
+                central.publish(f"nomoat/home/pools/{site}/prompt", {"id": rid, "prompt": "The capital",
+                                                                     "max_tokens": 4, "stream": False})
+            for rid in ids:
+                central.wait(final(rid), earlier=True)
+            central.drain(1)
+            by = [(json.loads(p)["id"], t.split("/")[2]) for t, p, _ in central.seen if "/reply/" in t
+                  and json.loads(p).get("id") in ids]
+            assert sorted(rid for rid, _ in by) == ids and {dev for _, dev in by} == expected, by
+        central.close()
+    finally:
+        for d in daemons:
+            d.stop()
+        topo.close()
+

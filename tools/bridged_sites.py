@@ -51,7 +51,8 @@ def wait_port(port: int, seconds: float = 10) -> None:
 def local_config(shipped: Path, port: int, folder: Path, passwd: Path, acl: Path, address: str | None = None,
                  site: str | None = None, overrides: dict[str, str] | None = None) -> str:
     """The shipped config, made to run here (see the module's docstring); `site` renames site-a's bridge;
-    `overrides`: option name -> a line to put in its place (a test's variant of the shipped file)."""
+    `overrides`: the start of a line (an option's name, or more) -> the line to put in its place, with "site-a"
+    renamed too (a test's variant of the shipped file)."""
     lines = []
     for line in shipped.read_text().splitlines():
         word = line.split(" ", 1)[0]
@@ -61,8 +62,10 @@ def local_config(shipped: Path, port: int, folder: Path, passwd: Path, acl: Path
             line = line.replace("site-a", site)
         line = {"listener": f"listener {port} 127.0.0.1", "persistence_location": f"persistence_location {folder}/",
                 "password_file": f"password_file {passwd}", "acl_file": f"acl_file {acl}",
-                "remote_password": f"remote_password {PASSWORD}",
-                "address": f"address {address}", **(overrides or {})}.get(word, line)
+                "remote_password": f"remote_password {PASSWORD}", "address": f"address {address}"}.get(word, line)
+        for start, replacement in (overrides or {}).items():
+            if line.startswith(start):
+                line = replacement.replace("site-a", site) if site else replacement
         lines.append(line)
     if os.geteuid() == 0:  # mosquitto started as root drops to user "mosquitto", who cannot read the temp folder
         lines.append("user root")
