@@ -420,3 +420,28 @@ def test_a_pool_per_site_through_a_bridge_topic_mapping(tmp_path, slots):
             d.stop()
         topo.close()
 
+
+def test_the_shipped_tls_lines_carry_the_bridge(tmp_path, slots):
+    """The central broker's TLS listener and the site bridge's bridge_cafile as shipped (other tests drop them),
+    with a CA and a server certificate made as a user makes them: the bridge verifies the central broker, and an
+    operator reaches a site's device over mqtts://."""
+    from test_field import make_certificates
+
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    make_certificates(certs)
+    topo = sites.Topology(1, {"site-a": ["dev-a1"]}, folder=tmp_path / "brokers", tls=certs)
+    d = None
+    try:
+        topo.wait_bridges()
+        assert "certfile" in topo.central.conf.read_text() and "bridge_cafile" in topo.sites["site-a"].conf.read_text()
+        d = device(topo, "site-a", "dev-a1", slots)
+        settings = topo.operator()
+        settings.device = "dev-a1"
+        answer = list(ask(settings, {"prompt": "The capital", "max_tokens": 6}, timeout=30))[-1]
+        assert answer["done"] and answer["text"] == Generator(slots).generate("The capital", max_tokens=6).text
+    finally:
+        if d:
+            d.stop()
+        topo.close()
+

@@ -7,8 +7,8 @@ how to reach it:
     .venv/bin/python tools/bridged_sites.py --sites 2
 
 The shipped files run as they are, except what only a real deployment has: listeners move to free loopback
-ports, TLS lines go, persistence and passwords live in a temporary folder, and the bridges' addresses point at
-their relays. The ACLs (central.acl, and nomoat.acl on the sites) and every bridge line stay as shipped, so
+ports, TLS lines point at a test CA's files (or go), persistence and passwords live in a temporary folder, and
+the bridges' addresses point at their relays. The ACLs (central.acl, and nomoat.acl on the sites) and every bridge line stay as shipped, so
 the tests check the topics and permissions a user deploys. Fleet "home", as in those files.
 """
 
@@ -49,15 +49,19 @@ def wait_port(port: int, seconds: float = 10) -> None:
 
 
 def local_config(shipped: Path, port: int, folder: Path, passwd: Path, acl: Path, address: str | None = None,
-                 site: str | None = None, overrides: dict[str, str] | None = None) -> str:
+                 site: str | None = None, overrides: dict[str, str] | None = None, tls: Path | None = None) -> str:
     """The shipped config, made to run here (see the module's docstring); `site` renames site-a's bridge;
     `overrides`: the start of a line (an option's name, or more) -> the line to put in its place, with "site-a"
-    renamed too (a test's variant of the shipped file)."""
+    renamed too (a test's variant of the shipped file). `tls`: a folder with ca.crt, server.crt and server.key
+    for the shipped TLS lines (the central listener, the bridges' bridge_cafile), else those lines go."""
+    certs = {"certfile": "server.crt", "keyfile": "server.key", "cafile": "ca.crt", "bridge_cafile": "ca.crt"}
     lines = []
     for line in shipped.read_text().splitlines():
         word = line.split(" ", 1)[0]
         if word in _DROPPED:
-            continue
+            if not tls or word not in certs:
+                continue
+            line = f"{word} {tls / certs[word]}"
         if site:
             line = line.replace("site-a", site)
         line = {"listener": f"listener {port} 127.0.0.1", "persistence_location": f"persistence_location {folder}/",
@@ -189,8 +193,8 @@ class Topology:
     broker; on a site, one user per device (its name), added with `add_devices` before the site starts."""
 
     def __init__(self, sites: int = 2, devices: dict[str, list[str]] | None = None, folder: Path | None = None,
-                 site_overrides: dict[str, str] | None = None):
-        self.site_overrides = site_overrides
+                 site_overrides: dict[str, str] | None = None, tls: Path | None = None):
+        self.site_overrides, self.tls = site_overrides, tls
         self.folder = folder or Path(tempfile.mkdtemp(prefix="nomoat-bridged-"))
         self.folder.mkdir(parents=True, exist_ok=True)
         self.site_names = [f"site-{chr(ord('a') + i)}" for i in range(sites)]
@@ -202,7 +206,7 @@ class Topology:
         port = free_port()
         (self.folder / "central").mkdir()
         self.central = Broker("central", self.folder, local_config(
-            SHIPPED / "bridge" / "central.conf", port, self.folder / "central", passwd, acl), port)
+            SHIPPED / "bridge" / "central.conf", port, self.folder / "central", passwd, acl, tls=tls), port)
         self.relays: dict[str, Relay] = {}
         self.sites: dict[str, Broker] = {}
         for site in self.site_names:
@@ -219,7 +223,7 @@ class Topology:
         port = self.sites[site].port if site in self.sites else free_port()
         self.sites[site] = Broker(site, self.folder, local_config(
             SHIPPED / "bridge" / "site-a.conf", port, folder, passwd, acl, f"127.0.0.1:{self.relays[site].port}",
-            site, self.site_overrides), port)
+            site, self.site_overrides, self.tls), port)
 
     def restart_site(self, site: str) -> None:
         """Stop and start a site's broker (its persistence keeps the devices' sessions and retained messages)."""
@@ -237,6 +241,9 @@ class Topology:
         """MqttSettings for the operator on the central broker."""
         from nomoat.edge.profile import MqttSettings
 
+        if self.tls:
+            return MqttSettings(broker=f"mqtts://127.0.0.1:{self.central.port}", fleet=FLEET, username="operator",
+                                password=PASSWORD, ca_file=str(self.tls / "ca.crt"))
         return MqttSettings(broker=self.central.url, fleet=FLEET, username="operator", password=PASSWORD)
 
     def bridge_states(self, which: str = "bridge") -> dict[str, str]:
@@ -247,6 +254,8 @@ class Topology:
         found: dict[str, str] = {}
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         c.username_pw_set("operator", PASSWORD)
+        if self.tls:
+            c.tls_set(ca_certs=str(self.tls / "ca.crt"))
         c.on_message = lambda cl, u, m: found.__setitem__(m.topic.split("/")[3], m.payload.decode())
         c.on_connect = lambda cl, u, f, r, p: cl.subscribe(f"nomoat/{FLEET}/sites/+/{which}", qos=1)
         c.connect("127.0.0.1", self.central.port)
