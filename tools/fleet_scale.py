@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Many devices on bridged sites: N real `nomoat serve` daemons (a small random LLaMA with LoRA slots) spread over site brokers bridged to a central one (tools/bridged_sites.py, the shipped configs). For each N:
+"""Many devices on bridged sites: N real `nomoat serve` daemons (a small random LLaMA with LoRA slots), spread
+over site brokers bridged to a central one (tools/bridged_sites.py, the shipped configs). For each N:
 
 - start-up: time until every device's retained status is on the central broker;
 - push: `fleet push --activate` of a signed adapter from the central broker, time until each device reports
@@ -12,7 +13,8 @@
 
     .venv/bin/python tools/fleet_scale.py --devices 10 20 50
 
-Prints a JSON line per N and a Markdown table at the end. Every daemon runs one thread (`threads = 1`).
+Prints a JSON line per N and two Markdown tables at the end (docs/deployment.md has them). Every daemon runs one
+thread (`threads = 1`).
 """
 
 from __future__ import annotations
