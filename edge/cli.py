@@ -162,8 +162,8 @@ def adapter_pack(peft_dir, model_dir, output, name, version, dtype):
 @click.option("--wait-for", type=int, default=0, metavar="N", help="For --push: wait until N devices report it.")
 @click.option("--timeout", type=float, default=300.0, show_default=True)
 def tune(base, data, output, model_folder, rank, alpha, targets, epochs, steps, learning_rate, batch_size, max_length,
-         seed, eval_split, samples, preserve, preserve_tokens, train_device, force, quiet, push, name, key, fleet_name, broker, config_file,
-         version, prefix, activate, dtype, chunk_size, expires_in, wait_for, timeout):
+         seed, eval_split, samples, preserve, preserve_tokens, train_device, force, quiet, push, name, key, fleet_name,
+         broker, config_file, version, prefix, activate, dtype, chunk_size, expires_in, wait_for, timeout):
     """Train a LoRA adapter on BASE (a Hugging Face folder or the GGUF the device model came from) with your
     examples; writes a PEFT folder that `adapter pack` and `export --lora` take as it is."""
     if push and not (model_folder and key):

@@ -19,7 +19,8 @@ CONNECT_TIMEOUT = 15.0  # seconds an operator's command waits for the broker
 
 
 def _unreachable(settings: MqttSettings) -> str:
-    return f"cannot reach the broker at {settings.broker} within {CONNECT_TIMEOUT:.0f} s (is it running, and the URL right?)"
+    return (f"cannot reach the broker at {settings.broker} within {CONNECT_TIMEOUT:.0f} s (is it running, and the URL "
+            f"right?)")
 
 
 def ask(settings: MqttSettings, request: dict, pool: bool = False, timeout: float = 120.0) -> Iterator[dict]:

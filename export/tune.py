@@ -70,26 +70,35 @@ class Encoded:
     labels: list[int]
 
 
-def read_examples(path: Path) -> list[dict]:
-    """The JSONL file's examples, each checked; a bad line is reported with its number."""
+def _json_lines(path: Path, what: str):
+    """(where, value) for each non-blank line of a JSONL file, `where` being "file:line" for errors; `what` names
+    the file in the error when it is missing."""
     if not path.is_file():
-        raise ExportError(f"data file not found: {path}")
-    out = []
+        raise ExportError(f"{what} file not found: {path}")
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path.name}:{n}"
         try:
-            ex = json.loads(line)
+            yield where, json.loads(line)
         except json.JSONDecodeError as e:
             raise ExportError(f"{where}: not JSON ({e.msg})") from None
+
+
+def _is_messages(msgs) -> bool:
+    return isinstance(msgs, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                          and isinstance(m.get("content"), str) for m in msgs)
+
+
+def read_examples(path: Path) -> list[dict]:
+    """The JSONL file's examples, each checked; a bad line is reported with its number."""
+    out = []
+    for where, ex in _json_lines(path, "data"):
         if not isinstance(ex, dict):
             raise ExportError(f"{where}: expected an object with prompt/completion or messages")
         if "messages" in ex:
             msgs = ex["messages"]
-            if (not isinstance(msgs, list) or not msgs
-                    or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                               and isinstance(m.get("content"), str) for m in msgs)):
+            if not msgs or not _is_messages(msgs):
                 raise ExportError(f"{where}: messages must be a list of {{\"role\", \"content\"}} strings")
             if not any(m["role"] == "assistant" for m in msgs):
                 raise ExportError(f"{where}: no assistant message to learn")
@@ -107,23 +116,13 @@ def read_examples(path: Path) -> list[dict]:
 def read_prompts(path: Path) -> list[dict]:
     """--preserve's prompts: {"prompt"} or {"messages"} per line, as a client sends them. Training files work as
     they are: a completion, or the assistant turns at the end of a conversation, are left out."""
-    if not path.is_file():
-        raise ExportError(f"preserve file not found: {path}")
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path.name}:{n}"
-        try:
-            ex = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ExportError(f"{where}: not JSON ({e.msg})") from None
+    for where, ex in _json_lines(path, "preserve"):
         if isinstance(ex, dict) and isinstance(ex.get("prompt"), str) and ex["prompt"]:
             out.append({"prompt": ex["prompt"]})
             continue
         msgs = ex.get("messages") if isinstance(ex, dict) else None
-        if (not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                                  and isinstance(m.get("content"), str) for m in msgs)):
+        if not _is_messages(msgs):
             raise ExportError(f"{where}: expected a \"prompt\" string or \"messages\"")
         while msgs and msgs[-1]["role"] == "assistant":
             msgs = msgs[:-1]
@@ -488,7 +487,8 @@ def tune(base: str | Path, data: str | Path, out: str | Path, opts: TuneOptions,
             "train_loss": {"first": losses[0], "last10": sum(losses[-10:]) / len(losses[-10:])},
             "seconds": {"load": round(load_s, 1), "train": round(train_s, 1), "total": 0.0},
             "device": device.type, "torch_threads": torch.get_num_threads(), "samples": samples,
-            "preserve": {"file": Path(preserve).name, "prompts": len(keep), "answer_tokens": sum(len(k[1]) for k in keep),
+            "preserve": {"file": Path(preserve).name, "prompts": len(keep),
+                         "answer_tokens": sum(len(k[1]) for k in keep),
                          "drift_last10": sum(drifts[-10:]) / len(drifts[-10:]), "kept": kept} if keep else None,
         }
         with folder_in_place(out) as tmp:
@@ -521,8 +521,8 @@ def format_report(report: dict, out: Path) -> str:
                   f"  wanted:  {s['wanted']!r}"]
     if report.get("preserve"):
         p = report["preserve"]
-        lines.append(f"preserve: on the base's answers to {min(p['prompts'], 64)} prompts of {p['file']}, the adapted model "
-                     f"picks the base's token {p['kept']:.1%} of the time (teacher-forced top-1)")
+        lines.append(f"preserve: on the base's answers to {min(p['prompts'], 64)} prompts of {p['file']}, the adapted "
+                     f"model picks the base's token {p['kept']:.1%} of the time (teacher-forced top-1)")
     sec = report["seconds"]
     lines.append(f"wrote {out}: LoRA rank {report['options']['rank']} on {','.join(report['options']['targets'])}, "
                  f"{report['steps']} steps in {sec['train']:.0f} s ({sec['total']:.0f} s in all, "

@@ -135,8 +135,12 @@ def mosquitto_path() -> str | None:
 
 
 def load_tool(name: str):
-    """A script of tools/ as a module (tools/ is not a package)."""
+    """A script of tools/ as a module (tools/ is not a package; on the path, as for a script run from there, so
+    that tools import each other)."""
     import importlib.util
+
+    if str(ROOT / "tools") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tools"))
 
     spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)

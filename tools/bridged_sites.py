@@ -8,8 +8,9 @@ how to reach it:
 
 The shipped files run as they are, except what only a real deployment has: listeners move to free loopback
 ports, TLS lines point at a test CA's files (or go), persistence and passwords live in a temporary folder, and
-the bridges' addresses point at their relays. The ACLs (central.acl, and nomoat.acl on the sites) and every bridge line stay as shipped, so
-the tests check the topics and permissions a user deploys. Fleet "home", as in those files.
+the bridges' addresses point at their relays. The ACLs (central.acl, and nomoat.acl on the sites) and every
+bridge line stay as shipped, so the tests check the topics and permissions a user deploys. Fleet "home", as in
+those files.
 """
 
 from __future__ import annotations
@@ -24,28 +25,13 @@ import threading
 import time
 from pathlib import Path
 
+from soak_mqtt import free_port, wait_port  # tools/ is this script's path
+
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "tools" / "mosquitto"
 FLEET = "home"
 PASSWORD = "local-test-password"
 _DROPPED = ("certfile", "keyfile", "cafile", "bridge_cafile", "bridge_certfile", "bridge_keyfile")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, seconds: float = 10) -> None:
-    end = time.time() + seconds
-    while time.time() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port}")
 
 
 def local_config(shipped: Path, port: int, folder: Path, passwd: Path, acl: Path, address: str | None = None,

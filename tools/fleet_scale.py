@@ -51,9 +51,10 @@ def build_model(folder: Path) -> tuple[Path, Path, Path, str]:
         llama = folder / "llama"
         llama.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(0)
-        LlamaForCausalLM(LlamaConfig(vocab_size=make_tokenizer(llama), hidden_size=256, intermediate_size=512,
-                                     num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
-                                     max_position_embeddings=512, bos_token_id=1, eos_token_id=2)).save_pretrained(llama)
+        config = LlamaConfig(vocab_size=make_tokenizer(llama), hidden_size=256, intermediate_size=512,
+                             num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
+        LlamaForCausalLM(config).save_pretrained(llama)
         export(llama, model, lora_rank=64)
         pack_adapter(make_adapter(llama, folder / "peft", seed=1, targets=("q_proj", "k_proj", "v_proj", "o_proj"),
                                   rank=64), model, adapter)
@@ -73,6 +74,16 @@ def central_client(topo, filters: list[str], inbox: list):
     c.subscribe([(f, 1) for f in filters])
     time.sleep(0.5)
     return c
+
+
+def replies(seen: list) -> dict[str, list[tuple[float, str, dict]]]:
+    """Request id -> each final reply received for it: (arrival time, the answering device, the message)."""
+    finals: dict[str, list[tuple[float, str, dict]]] = {}
+    for at, topic, payload in list(seen):
+        if "/reply/" in topic:
+            message = json.loads(payload)
+            finals.setdefault(message["id"], []).append((at, topic.split("/")[2], message))
+    return finals
 
 
 def run(n: int, n_sites: int, model: Path, adapter: Path, key: Path, pub: str, prompts: int) -> dict:
@@ -164,22 +175,11 @@ def run(n: int, n_sites: int, model: Path, adapter: Path, key: Path, pub: str, p
         publish_all(topo.operator(), [("nomoat/home/prompt", json.dumps(
             {"id": rid, "prompt": "The capital", "max_tokens": 4, "stream": False}).encode()) for rid in ids],
             retain=False)
-        finals: dict[str, list[tuple[float, str, dict]]] = {}
         deadline = sent + 60 + n
-        while time.perf_counter() < deadline:
-            for at, topic, payload in seen[sum(len(v) for v in finals.values()):]:
-                if "/reply/" in topic:
-                    message = json.loads(payload)
-                    finals.setdefault(message["id"], []).append((at, topic.split("/")[2], message))
-            if len(finals) == len(ids):
-                break
+        while len(replies(seen)) < len(ids) and time.perf_counter() < deadline:
             time.sleep(0.2)
         time.sleep(2)  # duplicates would arrive now
-        finals = {}
-        for at, topic, payload in list(seen):
-            if "/reply/" in topic:
-                message = json.loads(payload)
-                finals.setdefault(message["id"], []).append((at, topic.split("/")[2], message))
+        finals = replies(seen)
         answered = [rid for rid in ids if rid in finals]
         by_device: dict[str, int] = {}
         for rid in answered:
