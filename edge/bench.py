@@ -2,8 +2,9 @@
 
 prefill: tokens/s for a 128-token prompt; decode: tokens/s for 128 new tokens after a short
 prompt; decode at ~1000 tokens of context; a grounded task (rewrite a paragraph, greedy) decoded plainly and
-with speculative prompt lookup (edge/speculate.py); load time; peak RSS of this process, and its RSS after
-the work (the peak can be the load's: onnxruntime reads the weights twice while it prepacks them).
+with speculative decoding (edge/speculate.py: prompt lookup, or the draft model given); load time; peak RSS of
+this process, and its RSS after the work (the peak can be the load's: onnxruntime reads the weights twice while
+it prepacks them).
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def bench_model(folder, profile: Profile, runs: int = 5, long_context: int = 100
     long_context = min(long_context, gen.model.max_length - 40)
     prefill, decode, decode_long, plain, lookup, per_pass = [], [], [], [], [], []
     draft = gen.draft_limit(None) or 6
+    how = "draft" if gen.drafter else "lookup"  # drafts from the draft model, or by prompt lookup
     gen.prefill(rng.integers(low, vocab, 16).tolist())  # warm-up
     for _ in range(runs):
         ids = rng.integers(low, vocab, 128).tolist()
@@ -110,8 +112,9 @@ def bench_model(folder, profile: Profile, runs: int = 5, long_context: int = 100
         "prefill_128_tok_s": _stats(prefill),
         "decode_128_tok_s": _stats(decode),
         f"decode_at_{long_context}_tok_s": _stats(decode_long),
-        **({"rewrite_plain_tok_s": _stats(plain), f"rewrite_lookup_{draft}_tok_s": _stats(lookup),
-            "rewrite_lookup_tokens_per_pass": _stats(per_pass)} if plain else {}),
+        **({"rewrite_plain_tok_s": _stats(plain), f"rewrite_{how}_{draft}_tok_s": _stats(lookup),
+            f"rewrite_{how}_tokens_per_pass": _stats(per_pass)} if plain else {}),
+        "draft_model": gen.drafter.name if gen.drafter else None,
         "peak_rss_mib": round(peak_rss, 1),
         "rss_after_mib": rss_after,
         "providers": providers,

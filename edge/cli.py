@@ -206,11 +206,14 @@ def tune(base, data, output, model_folder, rank, alpha, targets, epochs, steps, 
                   wait_for=wait_for, timeout=timeout)
 
 
-def _generator(model, profile, adapter_files=()):
+def _generator(model, profile, adapter_files=(), draft=None):
     from .generate import Generator
     from .profile import Profile, load_profile
 
-    gen = Generator(model, profile if isinstance(profile, Profile) else load_profile(profile))
+    profile = profile if isinstance(profile, Profile) else load_profile(profile)
+    if draft:
+        profile.draft_model = draft
+    gen = Generator(model, profile)
     for f in adapter_files:
         gen.load_adapter(f)
     return gen
@@ -254,14 +257,16 @@ def _errors():
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
 @click.option("--timings", is_flag=True, help="Print token counts and speeds (and drafted/accepted tokens) to stderr.")
 @click.option("--draft-tokens", type=click.IntRange(0, 16), default=None,
-              help="Speculative decoding by prompt lookup: most drafted tokens per pass (0: off; default: the profile's, 6).")
+              help="Speculative decoding: most drafted tokens per pass (0: off; default: the profile's, 6).")
+@click.option("--draft", type=click.Path(), default=None,
+              help="A smaller exported model with the same tokenizer that drafts the tokens (default: prompt lookup).")
 def run(model, prompt, max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed, stop, adapter_file, adapters,
-        profile, chat, timings, draft_tokens):
+        profile, chat, timings, draft_tokens, draft):
     """Generate a continuation of PROMPT, streamed to stdout."""
     from .sampling import SamplingParams
 
     try:
-        gen = _generator(model, profile, adapter_file)
+        gen = _generator(model, profile, adapter_file, draft)
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                                 repetition_penalty=repeat_penalty, seed=seed)
         text = [{"role": "user", "content": prompt}] if chat else prompt
@@ -287,13 +292,15 @@ def run(model, prompt, max_tokens, temperature, top_p, top_k, min_p, repeat_pena
 @click.option("--system", default=None, help="System message.")
 @click.option("--profile", default=None)
 @click.option("--draft-tokens", type=click.IntRange(0, 16), default=None,
-              help="Speculative decoding by prompt lookup: most drafted tokens per pass (0: off; default: the profile's, 6).")
-def chat(model, max_tokens, temperature, system, profile, draft_tokens):
+              help="Speculative decoding: most drafted tokens per pass (0: off; default: the profile's, 6).")
+@click.option("--draft", type=click.Path(), default=None,
+              help="A smaller exported model with the same tokenizer that drafts the tokens (default: prompt lookup).")
+def chat(model, max_tokens, temperature, system, profile, draft_tokens, draft):
     """Interactive multi-turn chat (empty line or Ctrl-D to quit)."""
     from .sampling import SamplingParams
 
     try:
-        gen = _generator(model, profile)
+        gen = _generator(model, profile, (), draft)
     except _errors() as e:
         _fail(e)
     history = [{"role": "system", "content": system}] if system else []
@@ -330,7 +337,9 @@ def chat(model, max_tokens, temperature, system, profile, draft_tokens):
 @click.option("--profile", default=None)
 @click.option("--long-context", type=int, default=1000, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def bench(model, runs, threads, profile, long_context, as_json):
+@click.option("--draft", type=click.Path(), default=None,
+              help="A smaller exported model with the same tokenizer that drafts the tokens (default: prompt lookup).")
+def bench(model, runs, threads, profile, long_context, as_json, draft):
     """Load time, prefill, decode and long-context decode speed, peak RSS."""
     from .bench import bench_model, format_table
     from .profile import load_profile
@@ -339,6 +348,8 @@ def bench(model, runs, threads, profile, long_context, as_json):
         prof = load_profile(profile)
         if threads:
             prof.threads = threads
+        if draft:
+            prof.draft_model = draft
         report = bench_model(model, prof, runs=runs, long_context=long_context)
     except _errors() as e:
         _fail(e)
@@ -396,7 +407,9 @@ def _profile_with(profile, broker, fleet, device, config_file=None, pick=False):
 @click.option("--adapter-store", default=None, type=click.Path(), help="Folder for pushed adapters.")
 @click.option("--trust", multiple=True, help="Ed25519 public key (hex) allowed to sign adapter pushes.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
-def serve(model, broker, fleet, device, profile, config_file, adapter_file, adapter_store, trust, log_format):
+@click.option("--draft", type=click.Path(), default=None,
+              help="A smaller exported model with the same tokenizer that drafts the tokens (default: prompt lookup).")
+def serve(model, broker, fleet, device, profile, config_file, adapter_file, adapter_store, trust, log_format, draft):
     """Run the device daemon: prompts in over MQTT, streamed answers out, signed adapter pushes installed."""
     from .config import state_dir
     from .daemon import Daemon
@@ -405,7 +418,7 @@ def serve(model, broker, fleet, device, profile, config_file, adapter_file, adap
     try:
         prof = _profile_with(profile, broker, fleet, device, config_file, pick=True)
         prof.trusted_keys = [*prof.trusted_keys, *trust]
-        gen = _generator(model, prof, adapter_file)
+        gen = _generator(model, prof, adapter_file, draft)
         daemon = Daemon(gen, prof, log_json=log_format == "json")
         if prof.trusted_keys:
             # a profile's store (or the default) holds one folder per base model
@@ -416,7 +429,8 @@ def serve(model, broker, fleet, device, profile, config_file, adapter_file, adap
         _fail(e)
     click.echo(f"serving {gen.manifest.name} as {prof.mqtt.fleet}/{prof.mqtt.device} on {prof.mqtt.broker}, "
                f"profile {prof.name}{' (picked for this device as nomoat doctor does)' if prof.picked else ''}, "
-               f"context {prof.context_length}",
+               f"context {prof.context_length}"
+               + (f", drafts by {gen.drafter.name}" if gen.drafter else ""),
                err=True)
     try:
         daemon.serve_forever()

@@ -11,6 +11,7 @@ The config file is the first of: `--config FILE` (or NOMOAT_CONFIG), `$XDG_CONFI
     profile = "raspberry-pi-5"
     trusted_keys = ["<the operator's public key>"]
     # adapter_store = "/var/lib/nomoat/adapters"   (default: $STATE_DIRECTORY or ~/.local/share/nomoat)
+    # draft_model = "/opt/nomoat/models/small"      (speculative decoding with a smaller model, same tokenizer)
     [mqtt]
     broker = "mqtts://broker.lan:8883"   # TLS only for mqtts:// or a ca_file
     fleet = "home"
@@ -30,7 +31,7 @@ from pathlib import Path
 from .profile import MqttSettings, Profile, ProfileError, load_profile
 
 # what a user's file may set besides [mqtt]; the board's settings come from its profile
-USER_KEYS = {"profile", "adapter_store", "adapter_store_mb", "trusted_keys", "optimized_model_cache"}
+USER_KEYS = {"profile", "adapter_store", "adapter_store_mb", "trusted_keys", "optimized_model_cache", "draft_model"}
 
 
 def config_path(explicit: str | None = None) -> Path | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ from .embedding import TokenEmbedding
 from .model import Model, trim_heap
 from .profile import Profile
 from .sampling import SamplingParams, choose
-from .speculate import DraftLength, lookup_draft
+from .speculate import DraftLength, ModelDrafter, lookup_draft
 from .text import TextDecoder, Tokenizer
 
 
@@ -72,6 +72,7 @@ class Generator:
         self._bound: tuple = ((), 0)  # (adapter selection, AdapterSet.changes) the cache was computed with
         self._prompt_logits: tuple[int, np.ndarray] | None = None  # (length, logits) of the last prompt fed
         self.can_speculate = False
+        self.drafter: ModelDrafter | None = None  # a draft model (profile.draft_model); None: prompt lookup
         if not self.manifest.shared_kv:
             return
         self._logits = ort.OrtValue.ortvalue_from_shape_and_type([1, 1, self.vocab], np.float32, "cpu", 0)
@@ -96,7 +97,25 @@ class Generator:
             binding.bind_ortvalue_input("seqlens_k", self._seqlens)
             binding.bind_ortvalue_input("total_sequence_length", self._total)
         self.select_adapters(())
+        if self.model.profile.draft_model:
+            self.attach_draft(self.model.profile.draft_model)
         trim_heap()
+
+    def attach_draft(self, folder: str | Path) -> None:
+        """Make drafts with this smaller exported model (the same tokenizer) instead of prompt lookup. It runs with
+        this profile's threads and context, without adapters and without a draft of its own."""
+        if not self.can_speculate:
+            raise GenerationError(f"{self.manifest.name} cannot check drafts (exported before its graph took "
+                                  "logits_count, or by optimum): re-export it to use a draft model")
+        profile = replace(self.model.profile, draft_model="", draft_tokens=0, prompt_cache=True,
+                          prefill_accuracy_level=None)
+        draft = Generator(folder, profile)
+        if not draft.manifest.shared_kv:
+            raise GenerationError(f"the draft model {folder} is an optimum graph: export it with nomoat's builder")
+        if draft.tokenizer.tok.get_vocab() != self.tokenizer.tok.get_vocab():
+            raise GenerationError(f"the draft model {draft.manifest.name} has another tokenizer than "
+                                  f"{self.manifest.name}: its tokens would mean other text")
+        self.drafter = ModelDrafter(draft, set(self.manifest.eos_token_ids))
 
     # ---- adapters --------------------------------------------------------------------------
     def load_adapter(self, path: str | Path, name: str | None = None) -> str:
@@ -242,8 +261,8 @@ class Generator:
                draft_tokens: int | None = None) -> Iterator[str | Result]:
         """Yield text deltas, then one Result whose text is exactly their concatenation.
 
-        draft_tokens: speculative decoding by prompt lookup, at most this many drafted tokens per pass (0: off;
-        None: the profile's). Greedy answers are the same tokens either way (up to the kernels' rounding, which
+        draft_tokens: speculative decoding, at most this many drafted tokens per pass (0: off; None: the profile's),
+        drafted by the draft model if one is attached, else by prompt lookup. Greedy answers are the same tokens either way (up to the kernels' rounding, which
         can differ between a one-token and a several-token pass); sampled ones keep the model's distribution."""
         params = params or SamplingParams()
         try:
@@ -303,7 +322,13 @@ class Generator:
                 length.update(len(draft), took)
             position = len(tokens) + len(out) - 1  # where `token` goes
             room = min(budget - len(out), self.model.max_length - position) - 1  # tokens a pass may add
-            draft = lookup_draft(history, min(length.now, room)) if length and room > 0 else []
+            draft, k = [], min(length.now, room) if length else 0
+            if k > 0 and self.drafter:
+                began = time.perf_counter()
+                draft = self.drafter(history, k)
+                length.drafting(len(draft), time.perf_counter() - began)
+            elif k > 0:
+                draft = lookup_draft(history, k)
             began = time.perf_counter()
             if draft:
                 rows = self._forward([token, *draft], position + 1 + len(draft), rows=len(draft) + 1)

@@ -66,6 +66,9 @@ class Profile:
     # Speculative decoding by prompt lookup (edge/speculate.py): at most this many drafted tokens checked per pass;
     # 0: off. Answers that copy from their input (extract, rewrite, summarise, edit code) come several times faster.
     draft_tokens: int = 6
+    # A smaller exported model with the same tokenizer that makes the drafts instead (the user's configuration or
+    # `--draft`): helps open-ended text too, for its memory and its steps. "": prompt lookup.
+    draft_model: str = ""
     memory_cap_mb: int = 0  # informative: `nomoat doctor` warns when the model will not fit
     queue_size: int = 8
     max_prompt_chars: int = 16000

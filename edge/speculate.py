@@ -1,4 +1,4 @@
-"""Speculative decoding by prompt lookup: guess the next few tokens from the text so far, check them in one pass.
+"""Speculative decoding: guess the next few tokens cheaply, check them in one pass of the model.
 
 A decode step reads every weight to produce one token; a pass over 1 + k tokens reads them once for all k + 1
 (the graph returns logits for its last `logits_count` positions). When the answer copies from its input (extract
@@ -6,6 +6,10 @@ to JSON, rewrite, summarise, edit code, answer from a context), the tokens that 
 earlier in the prompt or the answer are often the next ones: that is the draft (Saxena's prompt lookup decoding,
 llama.cpp's `llama-lookup`). The model's own choice at each drafted position decides (sampling.choose); the first
 position where it differs ends the step, and the cache positions past it are simply written over by the next pass.
+
+A draft model (`--draft MODEL`, `ModelDrafter`) guesses instead: a smaller exported model with the same
+tokenizer decodes its own greedy continuation, which helps open-ended text too. Its guesses depend on nothing but the
+text so far (q is a point mass), so the same check keeps the big model's distribution exactly.
 
 The draft length adapts: it grows while drafts are taken whole and shrinks when they are refused, so text with
 nothing to copy (a story) pays for short drafts only, and no draft at all when the context has no match.
@@ -35,13 +39,40 @@ def lookup_draft(history: list[int] | np.ndarray, n: int) -> list[int]:
     return []
 
 
+class ModelDrafter:
+    """Drafts from a second model: its greedy continuation of the text so far.
+
+    `gen` is the draft model's Generator, used for nothing else. Its cache follows the text: a draft is fed only the
+    tokens its cache does not hold (the big model's correction, or the last drafted token and the bonus one), so a
+    draft of n tokens costs about n of its decode steps."""
+
+    def __init__(self, gen, eos: set[int]):
+        self.gen, self.eos = gen, eos
+        self.name = gen.manifest.name
+
+    def __call__(self, history: list[int], n: int) -> list[int]:
+        n = min(n, self.gen.model.max_length - len(history))
+        if n < 1:
+            return []
+        logits, _ = self.gen.prompt_logits(history)
+        out: list[int] = []
+        while True:
+            token = int(np.argmax(logits))
+            out.append(token)
+            if len(out) == n or token in self.eos:
+                return out
+            logits = self.gen.decode_one_token(token, len(history) + len(out) - 1)
+
+
 class DraftLength:
     """How many tokens to draft next: the k that maximizes the expected tokens per pass over the pass's cost.
 
     With a per-token acceptance rate a, a draft of k gives (1 - a^(k+1)) / (1 - a) tokens for a pass that costs
-    1 + beta*k single steps. a is learnt from the drafts (an average that forgets), beta from the passes' own
-    timings (`timed`). Text with nothing to copy drives a down until drafting stops (k = 0); while it does not
-    draft, a drifts back towards its prior, so a later passage that copies is found again."""
+    1 + (beta + gamma)*k single steps: beta for each drafted row the check adds, gamma for making each drafted token
+    (0 for a lookup; a draft model's step, relative to the big model's). a is learnt from the drafts (an average
+    that forgets), beta and gamma from the passes' own timings (`timed`, `drafting`). Text the drafts miss drives a
+    down until drafting stops (k = 0); while it does not draft, a drifts back towards its prior, so a later passage
+    that drafts well is found again."""
 
     PRIOR = 0.5
     FORGET = 0.8  # weight of the past in the acceptance average, per draft
@@ -50,7 +81,9 @@ class DraftLength:
     def __init__(self, most: int, beta: float = 0.15):
         self.most, self.beta = most, beta
         self.hits, self.trials = self.PRIOR * 2, 2.0  # the prior, worth two tokens
+        self.gamma = 0.0
         self.step_s = self.extra_s = 0.0  # seconds of a one-token pass; of each further token in a pass
+        self.draft_s = 0.0  # seconds to make one drafted token
 
     @property
     def rate(self) -> float:
@@ -59,7 +92,8 @@ class DraftLength:
     @property
     def now(self) -> int:
         a = min(self.rate, 0.99)
-        gain = [(1 - a ** (k + 1)) / (1 - a) / (1 + self.beta * k) for k in range(self.most + 1)]
+        cost = self.beta + self.gamma
+        gain = [(1 - a ** (k + 1)) / (1 - a) / (1 + cost * k) for k in range(self.most + 1)]
         return int(np.argmax(gain))
 
     def update(self, drafted: int, accepted: int) -> None:
@@ -80,3 +114,15 @@ class DraftLength:
             self.extra_s = extra if not self.extra_s else 0.9 * self.extra_s + 0.1 * extra
         if self.step_s and self.extra_s:
             self.beta = self.extra_s / self.step_s
+        self._relate()
+
+    def drafting(self, tokens: int, seconds: float) -> None:
+        """Making a draft of `tokens` took `seconds` (a draft model's steps): refine gamma."""
+        if tokens:
+            each = seconds / tokens
+            self.draft_s = each if not self.draft_s else 0.9 * self.draft_s + 0.1 * each
+            self._relate()
+
+    def _relate(self) -> None:
+        if self.step_s and self.draft_s:
+            self.gamma = self.draft_s / self.step_s

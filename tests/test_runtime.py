@@ -697,3 +697,88 @@ def test_speculative_sampling_keeps_the_models_distribution(level1):
                   for d in (0, 4)]
         p, q = (c / c.sum() for c in counts)
         assert 0.5 * np.abs(p - q).sum() < 0.12, (pos, np.flatnonzero(p), np.flatnonzero(q))
+
+
+@pytest.fixture(scope="module")
+def draft_level1(exported, tiny_tied):
+    """Another tiny model with the same tokenizer (its own seed, tied embedding): a draft model that is often
+    wrong, so that both its taken and its refused drafts are exercised."""
+    return exported("draft-level1", src=tiny_tied, accuracy_level=1)
+
+
+def test_a_draft_model_gives_the_tokens_of_plain_greedy(level1, draft_level1):
+    """Drafts from a second model (--draft), checked in one pass: the tokens of plain greedy decoding; the draft
+    model's cache follows the text from prompt to prompt (one Generator serves them all)."""
+    from nomoat.edge.profile import Profile
+
+    plain = Generator(level1)
+    for drafter, taken_all in ((draft_level1, False), (level1, True)):  # another model; the model itself
+        spec = Generator(level1, Profile(draft_model=str(drafter)))
+        assert spec.drafter and spec.drafter.gen.drafter is None
+        for prompt in (REPEATING, plain.encode("The capital of France is"), REPEATING[:5], REPEATING):
+            want = plain.generate(prompt, max_tokens=40, draft_tokens=0)
+            got = spec.generate(prompt, max_tokens=40, draft_tokens=4)
+            assert got.tokens == want.tokens and got.text == want.text
+            t = got.timings
+            assert t["drafted"] > 0 and t["accepted"] <= t["drafted"]
+            if taken_all:  # the model drafting for itself: every draft is taken
+                assert t["accepted"] == t["drafted"] and t["passes"] < len(got.tokens) / 2
+        if not taken_all:
+            assert t["accepted"] < t["drafted"]
+
+
+def test_a_draft_model_keeps_the_models_distribution(level1, draft_level1):
+    """Sampled answers with the draft model's (greedy) drafts: the distribution of plain sampling (as for lookup)."""
+    from nomoat.edge.profile import Profile
+
+    gens = {0: Generator(level1), 4: Generator(level1, Profile(draft_model=str(draft_level1)))}
+    params = lambda seed: SamplingParams(temperature=1.0, top_k=3, seed=seed)  # noqa: E731
+    prompt = REPEATING[:6]
+    runs = {d: [gens[d].generate(prompt, max_tokens=3, params=params(s), draft_tokens=d) for s in range(400)]
+            for d in (0, 4)}
+    assert sum(r.timings["drafted"] for r in runs[4]) > 200
+    for pos in (1, 2):
+        counts = [np.bincount([r.tokens[pos] for r in runs[d] if len(r.tokens) > pos], minlength=gens[0].vocab)
+                  for d in (0, 4)]
+        p, q = (c / c.sum() for c in counts)
+        assert 0.5 * np.abs(p - q).sum() < 0.12, (pos, np.flatnonzero(p), np.flatnonzero(q))
+
+
+def test_a_draft_model_must_share_the_tokenizer(level1, draft_level1, tmp_path):
+    """A draft whose token ids mean other text is refused at load, with both names; so is a missing folder."""
+    import shutil
+
+    from nomoat.edge.manifest import sha256_file
+    from nomoat.edge.profile import Profile
+
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(draft_level1, other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab)[10:12]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # two tokens swap ids
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    manifest = json.loads((other / "nomoat.json").read_text())
+    manifest["files"]["tokenizer.json"] = sha256_file(other / "tokenizer.json")
+    (other / "nomoat.json").write_text(json.dumps(manifest))
+    with pytest.raises(GenerationError, match="another tokenizer"):
+        Generator(level1, Profile(draft_model=str(other)))
+    with pytest.raises(ModelError, match="not found"):
+        Generator(level1, Profile(draft_model=str(tmp_path / "nowhere")))
+
+
+def test_cli_run_with_a_draft_model(level1, draft_level1):
+    from click.testing import CliRunner
+    from nomoat.edge.cli import main
+
+    args = ["run", str(level1), "The capital of France is", "--max-tokens", "24", "--timings"]
+    plain = CliRunner().invoke(main, [*args, "--draft-tokens", "0"])
+    spec = CliRunner().invoke(main, [*args, "--draft", str(draft_level1)])
+    assert plain.exit_code == 0 and spec.exit_code == 0, spec.output
+    assert spec.stdout == plain.stdout
+    assert json.loads(spec.stderr.strip().splitlines()[-1])["drafted"] > 0
+    report = json.loads(CliRunner().invoke(main, ["bench", str(level1), "--runs", "1", "--long-context", "64",
+                                                  "--json", "--draft", str(draft_level1)]).stdout)
+    assert report["draft_model"] and report["rewrite_draft_tokens_per_pass"]["median"] >= 1
+    missing = CliRunner().invoke(main, [*args, "--draft", "/nowhere/draft"])
+    assert missing.exit_code == 1 and "not found" in missing.output
