@@ -52,8 +52,11 @@ class Result:
 
 
 class Generator:
-    def __init__(self, folder: str | Path, profile: Profile | None = None, verify_files: bool = True):
-        self.model = Model(folder, profile, verify_files=verify_files)
+    def __init__(self, folder: str | Path, profile: Profile | None = None, verify_files: bool = True,
+                 shared_threads: bool = False):
+        # a model and its draft model take turns on one thread pool (edge/model.py: _shared_pool)
+        shared_threads = shared_threads or bool(profile and profile.draft_model)
+        self.model = Model(folder, profile, verify_files=verify_files, shared_threads=shared_threads)
         self.manifest = self.model.manifest
         self.tokenizer = Tokenizer(self.model.folder, self.manifest)
         self.adapters = AdapterSet(self.manifest)
@@ -98,10 +101,10 @@ class Generator:
             binding.bind_ortvalue_input("total_sequence_length", self._total)
         self.select_adapters(())
         if self.model.profile.draft_model:
-            self.attach_draft(self.model.profile.draft_model)
+            self._attach_draft(self.model.profile.draft_model)
         trim_heap()
 
-    def attach_draft(self, folder: str | Path) -> None:
+    def _attach_draft(self, folder: str | Path) -> None:
         """Make drafts with this smaller exported model (the same tokenizer) instead of prompt lookup. It runs with
         this profile's threads and context, without adapters and without a draft of its own."""
         if not self.can_speculate:
@@ -109,7 +112,7 @@ class Generator:
                                   "logits_count, or by optimum): re-export it to use a draft model")
         profile = replace(self.model.profile, draft_model="", draft_tokens=0, prompt_cache=True,
                           prefill_accuracy_level=None)
-        draft = Generator(folder, profile)
+        draft = Generator(folder, profile, shared_threads=True)
         if not draft.manifest.shared_kv:
             raise GenerationError(f"the draft model {folder} is an optimum graph: export it with nomoat's builder")
         if draft.tokenizer.tok.get_vocab() != self.tokenizer.tok.get_vocab():

@@ -68,9 +68,12 @@ def graph_with_level(graph: bytes, exported_level: int, level: int, bits: int | 
 
 
 class Model:
-    def __init__(self, folder: str | Path, profile: Profile | None = None, verify_files: bool = True):
+    def __init__(self, folder: str | Path, profile: Profile | None = None, verify_files: bool = True,
+                 shared_threads: bool = False):
+        """shared_threads: run on the process's one shared thread pool (a model and its draft model)."""
         t0 = time.perf_counter()
         self.profile = profile or Profile()
+        self.shared_threads = shared_threads
         self.manifest: Manifest = read_manifest(folder, verify_files=verify_files)
         self.folder = self.manifest.folder
         self.max_length = min(self.manifest.max_length, self.profile.context_length)
@@ -126,7 +129,7 @@ class Model:
         p = self.profile
         # a graph from memory finds its weights file in the model folder
         data_folder = self.folder if graph is not None else None
-        so = _session_options(p, _LEVELS[p.graph_optimization], data_folder)
+        so = _session_options(p, _LEVELS[p.graph_optimization], data_folder, self.shared_threads)
         source: Path | bytes = self._graph_file if graph is None else graph
         providers = choose_providers(p)
         try:
@@ -134,7 +137,8 @@ class Model:
                 try:
                     cache = Path(p.optimized_model_cache).expanduser()
                     source = self._prepacked_graph(kind, label, source, so, cache, data_folder)
-                    so = _session_options(p, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, None)  # optimized already
+                    so = _session_options(p, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, None,  # optimized already
+                                          self.shared_threads)
                 except OSError as e:  # a read-only or full disk: load as usual
                     log.warning("no optimized graph cache (%s); loading %s directly", e, self._graph_file.name)
             return ort.InferenceSession(source if isinstance(source, bytes) else str(source), so, providers=providers)
@@ -194,10 +198,38 @@ class Model:
         return self.session.get_providers()
 
 
+_pool_threads: int | None = None  # the shared pool's size once made; -1: this onnxruntime cannot share one
+
+
+def _shared_pool(threads: int) -> bool:
+    """Make the process's shared intra-op thread pool (the first caller's size wins, and every later session runs on
+    it); False where this onnxruntime cannot (before 1.21 Python had no global pools).
+
+    Why share: a session's pool spins for a while after each run, on the cores the next session needs. SmolLM2
+    fp32 checking drafts from its Q4_1 export, 2 threads: a 7-row pass and 6 draft steps took 133 ms with a pool
+    each, 100 ms with spinning off (which slows every step), 76 ms with one shared pool (the parts alone: 25 + 6 x 8)."""
+    global _pool_threads
+    if _pool_threads is None:
+        setter = getattr(ort.capi._pybind_state, "set_global_thread_pool_sizes", None)
+        if setter is None or not hasattr(ort.SessionOptions(), "use_per_session_threads"):
+            _pool_threads = -1
+        else:
+            setter(threads, 1)
+            _pool_threads = threads
+    if _pool_threads not in (-1, threads):
+        log.info("the shared thread pool has %s threads, not %s", _pool_threads or "onnxruntime's default", threads)
+    return _pool_threads != -1
+
+
 def _session_options(p: Profile, optimization: ort.GraphOptimizationLevel,
-                     data_folder: Path | None) -> ort.SessionOptions:
+                     data_folder: Path | None, shared: bool = False) -> ort.SessionOptions:
     so = ort.SessionOptions()
-    if p.threads:
+    # once the process has a shared pool, onnxruntime requires every later session to use it
+    if (shared or _pool_threads not in (None, -1)) and _shared_pool(p.threads):
+        so.use_per_session_threads = False
+    elif shared:  # a pool each: at least they do not spin on each other's cores
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if p.threads and getattr(so, "use_per_session_threads", True):
         so.intra_op_num_threads = p.threads
     so.inter_op_num_threads = 1
     so.enable_cpu_mem_arena = p.arena
