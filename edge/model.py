@@ -229,9 +229,10 @@ def _session_options(p: Profile, optimization: ort.GraphOptimizationLevel,
         so.use_per_session_threads = False
     elif shared:  # a pool each: at least they do not spin on each other's cores
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if p.threads and getattr(so, "use_per_session_threads", True):
-        so.intra_op_num_threads = p.threads
-    so.inter_op_num_threads = 1
+    if getattr(so, "use_per_session_threads", True):  # (the shared pool's sizes are its own)
+        if p.threads:
+            so.intra_op_num_threads = p.threads
+        so.inter_op_num_threads = 1
     so.enable_cpu_mem_arena = p.arena
     so.enable_mem_pattern = p.memory_pattern
     so.graph_optimization_level = optimization

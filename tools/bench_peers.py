@@ -16,6 +16,12 @@ ratio against every peer.
 as the median of the per-round ratios with their range: a shared machine that drifts during the run then
 weighs on every engine alike.
 
+`--llama-bin DIR` adds llama.cpp itself, built natively (tools/build_llama_cpp.sh; DIR is its build/bin): the
+figures come from its own `llama-bench -p 128 -n 128 -d 0,LONG` (decode at LONG: its tg128 at that depth), and peak
+RSS from `llama-completion -c CONTEXT` fed a LONG-token prompt and 32 new tokens (the same work as nomoat's
+figure: one load, a KV cache of CONTEXT, LONG tokens in it). This is the peer to beat; llama-cpp-python builds
+differ from it (see the README).
+
 `--genai-model DIR` adds onnxruntime-genai on a folder made by its own model builder (it re-quantizes
 the float weights), e.g. `python -m onnxruntime_genai.models.builder -m HuggingFaceTB/SmolLM2-135M-Instruct
 -i .cache/smollm2-hf -o .cache/genai-smollm2 -p int4 -e cpu`, run from `--genai-python PY` (a venv with
@@ -143,9 +149,43 @@ r["decode_long_tok_s"] = r.pop(next(k for k in r if k.startswith("decode_at_")))
 print(json.dumps(r))
 """
 
+NATIVE = "llama.cpp's own tools"  # (a plan entry run by llama_native, not a Python script)
+
 KEYS = [("decode_128_tok_s", "decode 128 tok/s", True), ("prefill_128_tok_s", "prefill 128 tok/s", True),
         ("decode_long_tok_s", "decode @ctx tok/s", True), ("peak_rss_mib", "peak RSS MiB", False),
         ("rss_after_mib", "RSS after work MiB", False), ("load_s", "load s", False)]
+
+
+def llama_native(bin_dir: Path, gguf: str, threads: int, runs: int, long_ctx: int, n_ctx: int) -> dict | None:
+    """llama.cpp's own tools: llama-bench's speeds, llama-completion's peak RSS (the child's own, from wait4)."""
+    import os
+    import tempfile
+
+    bench = subprocess.run([str(bin_dir / "llama-bench"), "-m", gguf, "-t", str(threads), "-p", "128", "-n", "128",
+                            "-d", f"0,{long_ctx}", "-r", str(runs), "-o", "json"], capture_output=True, text=True)
+    if bench.returncode:
+        print(f"llama-bench failed: {bench.stderr.strip()[-500:]}", file=sys.stderr)
+        return None
+    rows = json.loads(bench.stdout)
+
+    def speed(prompt: int, gen: int, depth: int) -> dict:
+        row = next(r for r in rows if (r["n_prompt"], r["n_gen"], r["n_depth"]) == (prompt, gen, depth))
+        v = row["samples_ts"]
+        return {"median": round(statistics.median(v), 2), "min": round(min(v), 2), "max": round(max(v), 2)}
+
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as prompt:
+        prompt.write("The quick brown fox jumps over the lazy dog. " * (long_ctx // 10))  # 10 tokens each
+        prompt.flush()
+        child = subprocess.Popen([str(bin_dir / "llama-completion"), "-m", gguf, "-t", str(threads), "-c", str(n_ctx),
+                                  "-f", prompt.name, "-n", "32", "--ignore-eos", "-no-cnv", "--no-warmup"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        _, status, usage = os.wait4(child.pid, 0)
+    if status:
+        print(f"llama-completion failed with status {status}", file=sys.stderr)
+    return {"version": f"native {rows[0].get('build_commit', '?')}", "load_s": None,
+            "prefill_128_tok_s": speed(128, 0, 0), "decode_128_tok_s": speed(0, 128, 0),
+            "decode_long_tok_s": speed(0, 128, long_ctx), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
+            "rss_after_mib": None, "cpu": rows[0].get("cpu_info", "")}
 
 
 def run(code: str, *args, python: str = sys.executable) -> dict | None:
@@ -192,8 +232,8 @@ def fidelity(a, engines: dict[str, tuple[str, str, str]]) -> dict[str, str]:
     return found
 
 
-def value(report: dict, key: str) -> float:
-    v = report[key]
+def value(report: dict, key: str) -> float | None:
+    v = report.get(key)
     return v["median"] if isinstance(v, dict) else v
 
 
@@ -204,13 +244,14 @@ def combine(reports: list[dict]) -> dict | None:
         return reports[0] if reports else None
     out = dict(reports[0])
     for key, *_ in KEYS:
-        out[key] = round(statistics.median(value(r, key) for r in reports), 2)
+        values = [v for r in reports if (v := value(r, key)) is not None]
+        out[key] = round(statistics.median(values), 2) if values else None
     return out
 
 
 def ratio(ours: list[dict], peer: list[dict], key: str) -> str:
     """Median of the per-round ratios, with their range when there are several rounds."""
-    each = [value(o, key) / value(p, key) for o, p in zip(ours, peer, strict=True) if value(p, key)]
+    each = [value(o, key) / value(p, key) for o, p in zip(ours, peer, strict=True) if value(p, key) and value(o, key)]
     if not each:
         return "-"
     mid = f"{statistics.median(each):.2f}x"
@@ -230,6 +271,8 @@ def main() -> None:
     ap.add_argument("--profile", default="")
     ap.add_argument("--llama-python", action="append", default=[],
                     help="a Python with llama-cpp-python installed (default: this one); repeatable")
+    ap.add_argument("--llama-bin", type=Path,
+                    help="llama.cpp's build/bin, built natively (tools/build_llama_cpp.sh): llama-bench + llama-completion")
     ap.add_argument("--genai-model", help="an onnxruntime-genai model folder (its builder's output)")
     ap.add_argument("--genai-python", default=sys.executable, help="a Python with onnxruntime-genai installed")
     ap.add_argument("--fidelity", action="store_true",
@@ -240,8 +283,12 @@ def main() -> None:
     plan = [(name_of(m), NOMOAT, (m, a.threads, a.runs, a.long_context, a.profile, a.context), sys.executable)
             for m in a.model]
     ours = [name for name, *_ in plan]
-    plan += [(f"llama.cpp ({python})", LLAMA_CPP, (a.gguf, a.threads, a.runs, a.long_context, a.context), python)
-             for python in a.llama_python or [sys.executable]]
+    if a.llama_bin:
+        plan.append(("llama.cpp native", NATIVE, (a.llama_bin, a.gguf, a.threads, a.runs, a.long_context, a.context),
+                     None))
+    if a.llama_python or not a.llama_bin:
+        plan += [(f"llama.cpp ({python})", LLAMA_CPP, (a.gguf, a.threads, a.runs, a.long_context, a.context), python)
+                 for python in a.llama_python or [sys.executable]]
     if a.genai_model:
         plan.append(("onnxruntime-genai", GENAI, (a.genai_model, a.threads, a.runs, a.long_context, a.context),
                      a.genai_python))
@@ -250,7 +297,7 @@ def main() -> None:
     rounds: dict[str, list[dict]] = {name: [] for name, *_ in plan}
     for r in range(a.rounds):
         for name, code, args, python in plan if r % 2 == 0 else plan[::-1]:
-            report = run(code, *args, python=python)
+            report = llama_native(*args) if code is NATIVE else run(code, *args, python=python)
             if report:
                 rounds[name].append(report)
     results: dict[str, dict | None] = {}
@@ -260,6 +307,8 @@ def main() -> None:
         if len(reports) < a.rounds:  # failed in some round (the error is printed): no figures, no ratios
             results[name] = None
         elif name in ours:
+            results[name] = combine(reports)
+        elif code is NATIVE:
             results[name] = combine(reports)
         else:
             peer = f"{'onnxruntime-genai' if code is GENAI else 'llama.cpp'} {reports[0]['version']}"
@@ -292,7 +341,7 @@ def main() -> None:
     print(f"{'':20s}" + "".join(f"{e:>{width}s}" for e in engines)
           + "".join(f"{o.replace('nomoat ', '') + ' / ' + short(p):>{rwidth + 2}s}" for o, p in pairs))
     for key, label, _higher_better in KEYS:
-        row = {e: value(results[e], key) for e in engines}
+        row = {e: "-" if value(results[e], key) is None else value(results[e], key) for e in engines}
         ratios = "".join(f"{ratio(rounds[o], rounds[p], key):>{rwidth + 2}s}" for o, p in pairs)
         print(f"{label:20s}" + "".join(f"{row[e]:>{width}}" for e in engines) + ratios)
 
