@@ -650,3 +650,30 @@ def test_the_pool_fails_over_when_a_device_is_killed_and_availability_says_so(br
         for p in procs.values():
             p.kill()
             p.wait()
+
+
+def test_serve_drafts_with_the_draft_model_in_the_users_config(broker, exported, tmp_path):
+    """`draft_model` in the user's config file: the daemon says so, answers over MQTT with the plain greedy answer,
+    and its final timings count the drafts (the model drafting for itself: every draft is taken)."""
+    model = exported("int4-level1", accuracy_level=1)
+    cfg, board = tmp_path / "nomoat.toml", tmp_path / "board.toml"
+    cfg.write_text(f'draft_model = "{model}"\n')
+    board.write_text("accuracy_level = 1\n")  # (the x86 profile serve would pick runs level 4, rounding otherwise)
+    proc = subprocess.Popen([sys.executable, "-m", "nomoat", "serve", str(model), "--config", str(cfg), "--broker",
+                             broker.url, "--fleet", "f", "--device", "d7", "--profile", str(board)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    c = None
+    try:
+        wait_status(broker, "d7", "online", timeout=60)
+        c = Client(broker)
+        c.send("nomoat/f/d7/prompt", {"id": "drafted", "prompt": "The capital of France is", "max_tokens": 24})
+        final = c.until_done("drafted", timeout=60)[-1][1]
+        want = Generator(model).generate("The capital of France is", max_tokens=24, draft_tokens=0)
+        assert final["text"] == want.text
+        assert final["timings"]["drafted"] > 0 and final["timings"]["accepted"] == final["timings"]["drafted"]
+    finally:
+        if c:
+            c.close()
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert f"drafts by {model.name}" in out, out

@@ -782,3 +782,7 @@ def test_cli_run_with_a_draft_model(level1, draft_level1):
     assert report["draft_model"] and report["rewrite_draft_tokens_per_pass"]["median"] >= 1
     missing = CliRunner().invoke(main, [*args, "--draft", "/nowhere/draft"])
     assert missing.exit_code == 1 and "not found" in missing.output
+    # the daemon refuses a bad draft model before it connects anywhere
+    served = CliRunner().invoke(main, ["serve", str(level1), "--draft", "/nowhere/draft", "--broker",
+                                       "mqtt://127.0.0.1:1"])
+    assert served.exit_code == 1 and "model folder not found: /nowhere/draft" in served.output
