@@ -118,7 +118,7 @@ class Generator:
         if draft.tokenizer.tok.get_vocab() != self.tokenizer.tok.get_vocab():
             raise GenerationError(f"the draft model {draft.manifest.name} has another tokenizer than "
                                   f"{self.manifest.name}: its tokens would mean other text")
-        self.drafter = ModelDrafter(draft, set(self.manifest.eos_token_ids))
+        self.drafter = ModelDrafter(draft, set(self.manifest.eos_token_ids), self.vocab)
 
     # ---- adapters --------------------------------------------------------------------------
     def load_adapter(self, path: str | Path, name: str | None = None) -> str:

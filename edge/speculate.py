@@ -46,18 +46,18 @@ class ModelDrafter:
     tokens its cache does not hold (the big model's correction, or the last drafted token and the bonus one), so a
     draft of n tokens costs about n of its decode steps."""
 
-    def __init__(self, gen, eos: set[int]):
-        self.gen, self.eos = gen, eos
+    def __init__(self, gen, eos: set[int], vocab: int):
+        self.gen, self.eos, self.vocab = gen, eos, vocab  # vocab: the big model's (a padded one may differ)
         self.name = gen.manifest.name
 
     def __call__(self, history: list[int], n: int) -> list[int]:
-        n = min(n, self.gen.model.max_length - len(history))
+        n = min(n, self.gen.model.max_length - len(history))  # past its context: no draft, plain steps
         if n < 1:
             return []
         logits, _ = self.gen.prompt_logits(history)
         out: list[int] = []
         while True:
-            token = int(np.argmax(logits))
+            token = int(np.argmax(logits[:self.vocab]))
             out.append(token)
             if len(out) == n or token in self.eos:
                 return out

@@ -727,6 +727,20 @@ def test_a_draft_model_gives_the_tokens_of_plain_greedy(level1, draft_level1):
             assert t["accepted"] < t["drafted"]
 
 
+def test_a_draft_model_with_a_shorter_context_drafts_until_it_ends(level1, exported, tiny):
+    """A draft model exported for 48 tokens under a model of 256: it drafts while the text fits its context, then
+    the model goes on alone; the tokens are plain greedy's either way."""
+    from nomoat.edge.profile import Profile
+
+    short = exported("draft-short", max_length=48, accuracy_level=1)
+    spec = Generator(level1, Profile(draft_model=str(short)))
+    assert spec.drafter.gen.model.max_length == 48
+    want = Generator(level1).generate(REPEATING, max_tokens=80, draft_tokens=0)
+    got = spec.generate(REPEATING, max_tokens=80, draft_tokens=4)
+    assert got.tokens == want.tokens and len(got.tokens) > 48 - len(REPEATING)
+    assert 0 < got.timings["drafted"] <= 48 - len(REPEATING) and got.timings["passes"] > 48
+
+
 def test_a_draft_model_keeps_the_models_distribution(level1, draft_level1):
     """Sampled answers with the draft model's (greedy) drafts: the distribution of plain sampling (as for lookup)."""
     from nomoat.edge.profile import Profile
