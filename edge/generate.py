@@ -284,8 +284,10 @@ class Generator:
 
         t0 = time.perf_counter()
         logits, cached = self.prompt_logits(tokens)
-        t1 = time.perf_counter()
         most = self.draft_limit(draft_tokens)
+        if most and self.drafter:
+            self.drafter.prime(tokens)
+        t1 = time.perf_counter()
         length = DraftLength(most) if most else None
         history = list(tokens)  # what the drafts are looked up in: the prompt and the answer so far
         out: list[int] = []

@@ -50,6 +50,12 @@ class ModelDrafter:
         self.gen, self.eos, self.vocab = gen, eos, vocab  # vocab: the big model's (a padded one may differ)
         self.name = gen.manifest.name
 
+    def prime(self, prompt: list[int]) -> None:
+        """Feed the prompt to the draft model with the big model's prompt (as llama-speculative does), so that
+        the first draft costs only its own steps."""
+        if len(prompt) < self.gen.model.max_length:
+            self.gen.prompt_logits(prompt)
+
     def __call__(self, history: list[int], n: int) -> list[int]:
         n = min(n, self.gen.model.max_length - len(history))  # past its context: no draft, plain steps
         if n < 1:

@@ -43,6 +43,11 @@ def main(int4_model: str, slots_model: str, adapter: str, kv16_model: str, gguf_
     g = Generator(kv8_model, Profile(accuracy_level=1, threads=1))
     out["kv8_logits"] = g.prefill(g.encode(PROMPT)).ravel().tolist()
     out["kv8_tokens"] = g.generate(PROMPT, max_tokens=8).tokens
+    # a draft model (the model drafting for itself) on the shared thread pool; last, because once the process has
+    # that pool every later session runs on it
+    g = Generator(int4_model, Profile(accuracy_level=1, threads=1, draft_model=int4_model))
+    r = g.generate(PROMPT, max_tokens=8, draft_tokens=4)
+    out["drafted"] = {"tokens": r.tokens, "drafted": r.timings["drafted"], "accepted": r.timings["accepted"]}
     return out
 
 

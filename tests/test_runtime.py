@@ -725,6 +725,9 @@ def test_a_draft_model_gives_the_tokens_of_plain_greedy(level1, draft_level1):
                 assert t["accepted"] == t["drafted"] and t["passes"] < len(got.tokens) / 2
         if not taken_all:
             assert t["accepted"] < t["drafted"]
+    # the draft model takes the prompt with the model's prompt (prompt time), before any draft
+    spec.generate(REPEATING[:7] + [40], max_tokens=1)  # one token: no pass, no draft
+    assert spec.drafter.gen._cached == REPEATING[:7] + [40]
 
 
 def test_a_draft_model_with_a_shorter_context_drafts_until_it_ends(level1, exported, tiny):
