@@ -265,8 +265,9 @@ class Generator:
         """Yield text deltas, then one Result whose text is exactly their concatenation.
 
         draft_tokens: speculative decoding, at most this many drafted tokens per pass (0: off; None: the profile's),
-        drafted by the draft model if one is attached, else by prompt lookup. Greedy answers are the same tokens either way (up to the kernels' rounding, which
-        can differ between a one-token and a several-token pass); sampled ones keep the model's distribution."""
+        drafted by the draft model if one is attached, else by prompt lookup. Greedy answers are the same tokens
+        either way (up to the kernels' rounding, which can differ between a one-token and a several-token pass);
+        sampled ones keep the model's distribution."""
         params = params or SamplingParams()
         try:
             params.validate()
