@@ -461,8 +461,8 @@ def llama_cpp_bin() -> Path | None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(llama_cpp_bin() is None, reason="llama.cpp's llama-quantize is not built (README: 'Other GGUF "
-                    "types'; ~20 min on 2 cores, cached in .cache/llamacpp)")
+@pytest.mark.skipif(llama_cpp_bin() is None, reason="llama.cpp's llama-quantize is not built (tools/build_llama_cpp.sh: "
+                    "~20 min on 2 cores, cached in .cache/llamacpp)")
 def test_a_q4_k_m_file_made_by_llama_quantize_is_imported_exactly(smollm2_gguf, tmp_path):
     """The file users download most, made by llama.cpp's own tool: every weight imported exactly (nothing
     re-quantized), the fp32 path follows transformers' reading of the same file on every token."""
