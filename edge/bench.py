@@ -132,6 +132,8 @@ def format_table(report: dict) -> str:
     for key, value in report.items():
         if isinstance(value, dict) and "median" in value:
             lines.append(f"  {key:30s} median {value['median']:>8}  min {value['min']:>8}  max {value['max']:>8}")
+    if report.get("draft_model"):
+        lines.append(f"  {'draft_model':30s} {report['draft_model']}")
     lines.append(f"  {'peak_rss_mib':30s} {report['peak_rss_mib']}")
     lines.append(f"  {'rss_after_mib':30s} {report['rss_after_mib']}")
     lines.append(f"  {'fidelity':30s} {describe_verification(report.get('verification'))}")

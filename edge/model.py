@@ -217,7 +217,7 @@ def _shared_pool(threads: int) -> bool:
             setter(threads, 1)
             _pool_threads = threads
     if _pool_threads not in (-1, threads):
-        log.info("the shared thread pool has %s threads, not %s", _pool_threads or "onnxruntime's default", threads)
+        log.debug("the shared thread pool has %s threads, not %s", _pool_threads or "onnxruntime's default", threads)
     return _pool_threads != -1
 
 

@@ -797,6 +797,9 @@ def test_cli_run_with_a_draft_model(level1, draft_level1):
     report = json.loads(CliRunner().invoke(main, ["bench", str(level1), "--runs", "1", "--long-context", "64",
                                                   "--json", "--draft", str(draft_level1)]).stdout)
     assert report["draft_model"] and report["rewrite_draft_tokens_per_pass"]["median"] >= 1
+    table = CliRunner().invoke(main, ["bench", str(level1), "--runs", "1", "--long-context", "64", "--draft",
+                                      str(draft_level1)]).stdout
+    assert f"draft_model                    {draft_level1.name}" in table and "rewrite_draft_6_tok_s" in table
     missing = CliRunner().invoke(main, [*args, "--draft", "/nowhere/draft"])
     assert missing.exit_code == 1 and "not found" in missing.output
     # the daemon refuses a bad draft model before it connects anywhere
