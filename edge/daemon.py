@@ -275,6 +275,7 @@ class Daemon:
             "state": state, "device": self.topics.device, "fleet": self.topics.fleet,
             "model": m.name, "model_hash": m.model_hash, "version": __version__,
             "context_length": self.gen.model.max_length, "kv_cache": m.kv_dtype,
+            "draft_model": self.gen.drafter.name if self.gen.drafter else None,
             "protocol": proto.PROTOCOL_VERSION, "adapters": sorted(self.gen.adapters.adapters),
             "default_adapters": [{"name": n, "scale": s} for n, s in self.default_adapters],
             "queue": self.waiting, "uptime_s": round(time.time() - self.started, 1),

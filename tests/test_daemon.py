@@ -664,7 +664,7 @@ def test_serve_drafts_with_the_draft_model_in_the_users_config(broker, exported,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     c = None
     try:
-        wait_status(broker, "d7", "online", timeout=60)
+        assert wait_status(broker, "d7", "online", timeout=60)["draft_model"] == model.name
         c = Client(broker)
         c.send("nomoat/f/d7/prompt", {"id": "drafted", "prompt": "The capital of France is", "max_tokens": 24})
         final = c.until_done("drafted", timeout=60)[-1][1]
