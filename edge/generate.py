@@ -24,7 +24,7 @@ from .embedding import TokenEmbedding
 from .model import Model, trim_heap
 from .profile import Profile
 from .sampling import SamplingParams, choose
-from .speculate import DraftLength, ModelDrafter, lookup_draft
+from .speculate import Drafts, ModelDrafter
 from .text import TextDecoder, Tokenizer
 
 
@@ -289,7 +289,7 @@ class Generator:
         if most and self.drafter:
             self.drafter.prime(tokens)
         t1 = time.perf_counter()
-        length = DraftLength(most) if most else None
+        drafts = Drafts(most, self.drafter) if most else None
         history = list(tokens)  # what the drafts are looked up in: the prompt and the answer so far
         out: list[int] = []
         chosen = passes = drafted = accepted = 0
@@ -324,25 +324,19 @@ class Generator:
             accepted += took
             if done:
                 break
-            if length:
-                length.update(len(draft), took)
+            if drafts:
+                drafts.update(len(draft), took)
             position = len(tokens) + len(out) - 1  # where `token` goes
             room = min(budget - len(out), self.model.max_length - position) - 1  # tokens a pass may add
-            draft, k = [], min(length.now, room) if length else 0
-            if k > 0 and self.drafter:
-                began = time.perf_counter()
-                draft = self.drafter(history, k)
-                length.drafting(len(draft), time.perf_counter() - began)
-            elif k > 0:
-                draft = lookup_draft(history, k)
+            draft = drafts.next(history, room) if drafts and room > 0 else []
             began = time.perf_counter()
             if draft:
                 rows = self._forward([token, *draft], position + 1 + len(draft), rows=len(draft) + 1)
                 drafted += len(draft)
             else:
                 rows = self.decode_one_token(token, position)[None]
-            if length:
-                length.timed(len(rows), time.perf_counter() - began)
+            if drafts:
+                drafts.timed(len(rows), time.perf_counter() - began)
             passes += 1
         t2 = time.perf_counter()
         tail = decoder.flush()
@@ -355,7 +349,7 @@ class Generator:
             "prefill_tok_s": round(fed / (t1 - t0), 1) if fed else 0.0,  # of the tokens fed
             "decode_tok_s": round(steps / (t2 - t1), 1) if steps else 0.0,
         }
-        if length:
+        if drafts:
             timings.update({"passes": passes, "drafted": drafted, "accepted": accepted})
         yield Result(decoder.text, out, finish, len(tokens), timings)
 

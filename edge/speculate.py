@@ -7,9 +7,10 @@ earlier in the prompt or the answer are often the next ones: that is the draft (
 llama.cpp's `llama-lookup`). The model's own choice at each drafted position decides (sampling.choose); the first
 position where it differs ends the step, and the cache positions past it are simply written over by the next pass.
 
-A draft model (`--draft MODEL`, `ModelDrafter`) guesses instead: a smaller exported model with the same
-tokenizer decodes its own greedy continuation, which helps open-ended text too. Its guesses depend on nothing but the
-text so far (q is a point mass), so the same check keeps the big model's distribution exactly.
+A draft model (`--draft MODEL`, `ModelDrafter`) guesses too: a smaller exported model with the same tokenizer
+decodes its own greedy continuation, which helps open-ended text. Its guesses depend on nothing but the text so far
+(q is a point mass), so the same check keeps the big model's distribution exactly. With one, a lookup that matches
+the last 3 tokens still drafts first, for free; the draft model drafts the rest (`Drafts`).
 
 The draft length adapts: it grows while drafts are taken whole and shrinks when they are refused, so text with
 nothing to copy (a story) pays for short drafts only, and no draft at all when the context has no match.
@@ -17,18 +18,20 @@ nothing to copy (a story) pays for short drafts only, and no draft at all when t
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 NGRAMS = (3, 2, 1)  # the longest match of the last 3, 2 or 1 tokens wins
 
 
-def lookup_draft(history: list[int] | np.ndarray, n: int) -> list[int]:
+def lookup_draft(history: list[int] | np.ndarray, n: int, sizes: tuple[int, ...] = NGRAMS) -> list[int]:
     """Up to n tokens that followed the latest earlier occurrence of the history's last 3 (else 2, else 1)
     tokens; [] when there is none."""
     h = np.asarray(history, dtype=np.int64)
     if n < 1 or len(h) < 2:
         return []
-    for size in NGRAMS:
+    for size in sizes:
         if len(h) <= size:
             continue
         windows = np.lib.stride_tricks.sliding_window_view(h[:-1], size)  # every earlier n-gram, ending before
@@ -132,3 +135,40 @@ class DraftLength:
     def _relate(self) -> None:
         if self.step_s and self.draft_s:
             self.gamma = self.draft_s / self.step_s
+
+
+class Drafts:
+    """Where each pass's draft comes from, and how long it is.
+
+    Without a draft model: prompt lookup. With one: a lookup that matches the last 3 tokens first (copying costs
+    nothing to draft), else the draft model. Each source learns its own acceptance and costs (DraftLength)."""
+
+    STRONG = (3,)  # with a draft model, only a 3-token match is worth a lookup draft
+
+    def __init__(self, most: int, model: ModelDrafter | None = None):
+        self.model = model
+        self.by_lookup = DraftLength(most)
+        self.by_model = DraftLength(most) if model else None
+        self.last: DraftLength = self.by_lookup  # the source of the draft in flight
+
+    def next(self, history: list[int], room: int) -> list[int]:
+        """The draft for the next pass: at most `room` tokens (what the answer and the context have left)."""
+        self.last = self.by_lookup
+        draft = lookup_draft(history, min(self.by_lookup.now, room), self.STRONG if self.model else NGRAMS)
+        if draft or not self.model:
+            return draft
+        self.by_lookup.update(0, 0)  # not drafted: its acceptance drifts back towards the prior
+        self.last = self.by_model
+        k = min(self.by_model.now, room)
+        if k < 1:
+            return []
+        began = time.perf_counter()
+        draft = self.model(history, k)
+        self.by_model.drafting(len(draft), time.perf_counter() - began)
+        return draft
+
+    def update(self, drafted: int, accepted: int) -> None:
+        self.last.update(drafted, accepted)
+
+    def timed(self, rows: int, seconds: float) -> None:
+        self.last.timed(rows, seconds)

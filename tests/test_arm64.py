@@ -96,9 +96,9 @@ def test_runtime_on_aarch64_matches_x86(arm64, models, host, cpu, dotprod, board
     assert arm["kv8_tokens"] == host["kv8_tokens"]
     np.testing.assert_allclose(arm["kv8_logits"], host["kv8_logits"], atol=1e-2)
 
-    # a draft model on the shared thread pool: the plain tokens, every draft taken, as on x86
+    # a draft model on the shared thread pool: the plain tokens, the same drafts taken as on x86
     assert arm["drafted"] == host["drafted"] and arm["drafted"]["tokens"] == arm["acc1_tokens"]
-    assert 0 < arm["drafted"]["accepted"] == arm["drafted"]["drafted"]
+    assert 0 < arm["drafted"]["accepted"] <= arm["drafted"]["drafted"]
 
 
 # Each board's profile on its own (emulated) CPU: the SmolLM2 export's teacher-forced top-1 agreement with the

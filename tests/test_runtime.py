@@ -721,8 +721,8 @@ def test_a_draft_model_gives_the_tokens_of_plain_greedy(level1, draft_level1):
             assert got.tokens == want.tokens and got.text == want.text
             t = got.timings
             assert t["drafted"] > 0 and t["accepted"] <= t["drafted"]
-            if taken_all:  # the model drafting for itself: every draft is taken
-                assert t["accepted"] == t["drafted"] and t["passes"] < len(got.tokens) / 2
+            if taken_all:  # the model drafting for itself: its drafts are taken (a lookup draft may not be)
+                assert t["passes"] < len(got.tokens) / 2
         if not taken_all:
             assert t["accepted"] < t["drafted"]
     # the draft model takes the prompt with the model's prompt (prompt time), before any draft
