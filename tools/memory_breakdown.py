@@ -103,7 +103,6 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     manifest = json.loads((a.model / "nomoat.json").read_text())
     cache = Path("~/.cache/nomoat/graphs").expanduser()
     weights = (f"{a.model.resolve()}/", f"{cache}/")
