@@ -156,6 +156,17 @@ KEYS = [("decode_128_tok_s", "decode 128 tok/s", True), ("prefill_128_tok_s", "p
         ("rss_after_mib", "RSS after work MiB", False), ("load_s", "load s", False)]
 
 
+def llama_completion(bin_dir: Path, gguf: str | Path, threads: int, n_ctx: int, prompt_file: str) -> list[str]:
+    """llama.cpp's completion tool on a prompt file and 32 new tokens: the memory figure's work (also
+    tools/memory_breakdown.py). Write the prompt with `long_prompt`."""
+    return [str(bin_dir / "llama-completion"), "-m", str(gguf), "-t", str(threads), "-c", str(n_ctx), "-f", prompt_file,
+            "-n", "32", "--ignore-eos", "-no-cnv", "--no-warmup"]
+
+
+def long_prompt(tokens: int) -> str:
+    return "The quick brown fox jumps over the lazy dog. " * (tokens // 10)  # ~10 tokens each
+
+
 def llama_native(bin_dir: Path, gguf: str, threads: int, runs: int, long_ctx: int, n_ctx: int) -> dict | None:
     """llama.cpp's own tools: llama-bench's speeds, llama-completion's peak RSS (the child's own, from wait4)."""
     import os
@@ -174,10 +185,9 @@ def llama_native(bin_dir: Path, gguf: str, threads: int, runs: int, long_ctx: in
         return {"median": round(statistics.median(v), 2), "min": round(min(v), 2), "max": round(max(v), 2)}
 
     with tempfile.NamedTemporaryFile("w", suffix=".txt") as prompt:
-        prompt.write("The quick brown fox jumps over the lazy dog. " * (long_ctx // 10))  # 10 tokens each
+        prompt.write(long_prompt(long_ctx))
         prompt.flush()
-        child = subprocess.Popen([str(bin_dir / "llama-completion"), "-m", gguf, "-t", str(threads), "-c", str(n_ctx),
-                                  "-f", prompt.name, "-n", "32", "--ignore-eos", "-no-cnv", "--no-warmup"],
+        child = subprocess.Popen(llama_completion(bin_dir, gguf, threads, n_ctx, prompt.name),
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         _, status, usage = os.wait4(child.pid, 0)
     if status:
@@ -306,9 +316,7 @@ def main() -> None:
         reports = rounds[name]
         if len(reports) < a.rounds:  # failed in some round (the error is printed): no figures, no ratios
             results[name] = None
-        elif name in ours:
-            results[name] = combine(reports)
-        elif code is NATIVE:
+        elif name in ours or code is NATIVE:
             results[name] = combine(reports)
         else:
             peer = f"{'onnxruntime-genai' if code is GENAI else 'llama.cpp'} {reports[0]['version']}"

@@ -114,12 +114,13 @@ def main() -> None:
     kv_mib = 2 * manifest["config"]["num_layers"] * heads * (a.long + 32) * dim * size / 2 ** 20
     results = {"nomoat": ours}
     if a.llama_bin and a.gguf:
+        from bench_peers import llama_completion, long_prompt  # tools/, beside this script
+
         with tempfile.NamedTemporaryFile("w", suffix=".txt") as prompt:
-            prompt.write("The quick brown fox jumps over the lazy dog. " * (a.long // 10))
+            prompt.write(long_prompt(a.long))
             prompt.flush()
-            results["llama.cpp"] = peak_of(
-                [str(a.llama_bin / "llama-completion"), "-m", str(a.gguf), "-t", str(a.threads), "-c", str(a.context),
-                 "-f", prompt.name, "-n", "32", "--ignore-eos", "-no-cnv", "--no-warmup"], (str(a.gguf.resolve()),))
+            results["llama.cpp"] = peak_of(llama_completion(a.llama_bin, a.gguf, a.threads, a.context, prompt.name),
+                                           (str(a.gguf.resolve()),))
     if a.json:
         print(json.dumps({"kv_cache_mib": kv_mib, **results}, indent=1))
         return
