@@ -25,6 +25,16 @@ import numpy as np
 NGRAMS = (3, 2, 1)  # the longest match of the last 3, 2 or 1 tokens wins
 
 
+def match_start(history: np.ndarray, size: int) -> int | None:
+    """Where the tokens that followed the latest earlier occurrence of the history's last `size` tokens begin;
+    None when they occur nowhere earlier."""
+    if len(history) <= size:
+        return None
+    windows = np.lib.stride_tricks.sliding_window_view(history[:-1], size)  # every earlier n-gram, ending before
+    hits = np.flatnonzero((windows == history[-size:]).all(axis=1))
+    return int(hits[-1]) + size if len(hits) else None  # the latest occurrence: the text's current phrasing
+
+
 def lookup_draft(history: list[int] | np.ndarray, n: int, sizes: tuple[int, ...] = NGRAMS) -> list[int]:
     """Up to n tokens that followed the latest earlier occurrence of the history's last 3 (else 2, else 1)
     tokens; [] when there is none."""
@@ -32,12 +42,8 @@ def lookup_draft(history: list[int] | np.ndarray, n: int, sizes: tuple[int, ...]
     if n < 1 or len(h) < 2:
         return []
     for size in sizes:
-        if len(h) <= size:
-            continue
-        windows = np.lib.stride_tricks.sliding_window_view(h[:-1], size)  # every earlier n-gram, ending before
-        hits = np.flatnonzero((windows == h[-size:]).all(axis=1))
-        if len(hits):
-            start = int(hits[-1]) + size  # the latest occurrence: the text's current phrasing
+        start = match_start(h, size)
+        if start is not None:
             return h[start:start + n].tolist()
     return []
 
@@ -73,25 +79,44 @@ class ModelDrafter:
             logits = self.gen.decode_one_token(token, len(history) + len(out) - 1)
 
 
+class PassCost:
+    """What a pass of the model costs, learnt from the passes' own timings: seconds of a one-token pass, and of
+    each further token in a pass; beta, their ratio (what one drafted row adds, in single steps). The same for
+    every draft source: the check costs the same whoever drafted."""
+
+    def __init__(self, beta: float = 0.15):
+        self.beta = beta
+        self.step_s = self.extra_s = 0.0
+
+    def timed(self, rows: int, seconds: float) -> None:
+        """A pass of `rows` tokens took `seconds`."""
+        if rows == 1:
+            self.step_s = seconds if not self.step_s else 0.9 * self.step_s + 0.1 * seconds
+        elif self.step_s:
+            extra = max(0.0, seconds - self.step_s) / (rows - 1)
+            self.extra_s = extra if not self.extra_s else 0.9 * self.extra_s + 0.1 * extra
+        if self.step_s and self.extra_s:
+            self.beta = self.extra_s / self.step_s
+
+
 class DraftLength:
-    """How many tokens to draft next: the k that maximizes the expected tokens per pass over the pass's cost.
+    """How many tokens one draft source should draft next: the k that maximizes the expected tokens per pass over
+    the pass's cost.
 
     With a per-token acceptance rate a, a draft of k gives (1 - a^(k+1)) / (1 - a) tokens for a pass that costs
-    1 + (beta + gamma)*k single steps: beta for each drafted row the check adds, gamma for making each drafted token
-    (0 for a lookup; a draft model's step, relative to the big model's). a is learnt from the drafts (an average
-    that forgets), beta and gamma from the passes' own timings (`timed`, `drafting`). Text the drafts miss drives a
-    down until drafting stops (k = 0); while it does not draft, a drifts back towards its prior, so a later passage
-    that drafts well is found again."""
+    1 + (beta + gamma)*k single steps: beta for each drafted row the check adds (PassCost), gamma for making each
+    drafted token (0 for a lookup; a draft model's step, relative to the big model's, `drafting`). a is learnt from
+    this source's drafts (an average that forgets). Text the drafts miss drives a down until drafting stops (k = 0);
+    while it does not draft, a drifts back towards its prior, so a later passage that drafts well is found again."""
 
     PRIOR = 0.5
     FORGET = 0.8  # weight of the past in the acceptance average, per draft
     RELAX = 0.97  # per pass without a draft: how slowly the past fades towards the prior
 
-    def __init__(self, most: int, beta: float = 0.15):
-        self.most, self.beta = most, beta
+    def __init__(self, most: int, cost: PassCost | None = None):
+        self.most = most
+        self.cost = cost or PassCost()
         self.hits, self.trials = self.PRIOR * 2, 2.0  # the prior, worth two tokens
-        self.gamma = 0.0
-        self.step_s = self.extra_s = 0.0  # seconds of a one-token pass; of each further token in a pass
         self.draft_s = 0.0  # seconds to make one drafted token
 
     @property
@@ -99,9 +124,13 @@ class DraftLength:
         return self.hits / self.trials
 
     @property
+    def gamma(self) -> float:
+        return self.draft_s / self.cost.step_s if self.cost.step_s else 0.0
+
+    @property
     def now(self) -> int:
         a = min(self.rate, 0.99)
-        cost = self.beta + self.gamma
+        cost = self.cost.beta + self.gamma
         gain = [(1 - a ** (k + 1)) / (1 - a) / (1 + cost * k) for k in range(self.most + 1)]
         return int(np.argmax(gain))
 
@@ -115,60 +144,63 @@ class DraftLength:
         self.trials = self.trials * self.FORGET + accepted + (accepted < drafted)
 
     def timed(self, rows: int, seconds: float) -> None:
-        """A pass of `rows` tokens took `seconds`: refine beta (the cost of a drafted token in single steps)."""
-        if rows == 1:
-            self.step_s = seconds if not self.step_s else 0.9 * self.step_s + 0.1 * seconds
-        elif self.step_s:
-            extra = max(0.0, seconds - self.step_s) / (rows - 1)
-            self.extra_s = extra if not self.extra_s else 0.9 * self.extra_s + 0.1 * extra
-        if self.step_s and self.extra_s:
-            self.beta = self.extra_s / self.step_s
-        self._relate()
+        self.cost.timed(rows, seconds)
 
     def drafting(self, tokens: int, seconds: float) -> None:
         """Making a draft of `tokens` took `seconds` (a draft model's steps): refine gamma."""
         if tokens:
             each = seconds / tokens
             self.draft_s = each if not self.draft_s else 0.9 * self.draft_s + 0.1 * each
-            self._relate()
-
-    def _relate(self) -> None:
-        if self.step_s and self.draft_s:
-            self.gamma = self.draft_s / self.step_s
 
 
 class Drafts:
     """Where each pass's draft comes from, and how long it is.
 
-    Without a draft model: prompt lookup. With one: a lookup that matches the last 3 tokens first (copying costs
-    nothing to draft), else the draft model. Each source learns its own acceptance and costs (DraftLength)."""
+    Lookup drafts by the longest match of the last 3, 2 or 1 tokens; each match length learns its own acceptance,
+    because a match of 3 tokens predicts far better than a match of 1 (SmolLM2's grounded tasks: one acceptance
+    for all lengths let the 1-token matches shorten every draft). A length whose drafts are refused stops drafting
+    and leaves the turn to the next shorter one. With a draft model: a lookup that matches the last 3 tokens first
+    (copying costs nothing to draft), else the draft model, with its own acceptance too."""
 
     STRONG = (3,)  # with a draft model, only a 3-token match is worth a lookup draft
 
     def __init__(self, most: int, model: ModelDrafter | None = None):
         self.model = model
-        self.by_lookup = DraftLength(most)
-        self.by_model = DraftLength(most) if model else None
-        self.last: DraftLength = self.by_lookup  # the source of the draft in flight
+        self.cost = PassCost()
+        self.sizes = self.STRONG if model else NGRAMS
+        self.by_match = {size: DraftLength(most, self.cost) for size in self.sizes}
+        self.by_model = DraftLength(most, self.cost) if model else None
+        self.last: DraftLength | None = None  # the source of the draft in flight
 
     def next(self, history: list[int], room: int) -> list[int]:
         """The draft for the next pass: at most `room` tokens (what the answer and the context have left)."""
-        self.last = self.by_lookup
-        draft = lookup_draft(history, min(self.by_lookup.now, room), self.STRONG if self.model else NGRAMS)
-        if draft or not self.model:
-            return draft
-        self.by_lookup.update(0, 0)  # not drafted: its acceptance drifts back towards the prior
-        self.last = self.by_model
+        self.last = None
+        h = np.asarray(history, dtype=np.int64)
+        for size, length in self.by_match.items():
+            start = match_start(h, size)
+            if start is None:
+                continue
+            k = min(length.now, room)
+            if k < 1:
+                length.update(0, 0)  # not drafted: its acceptance drifts back towards the prior
+                continue
+            self.last = length
+            return h[start:start + k].tolist()
+        if not self.model:
+            return []
         k = min(self.by_model.now, room)
         if k < 1:
+            self.by_model.update(0, 0)
             return []
+        self.last = self.by_model
         began = time.perf_counter()
         draft = self.model(history, k)
         self.by_model.drafting(len(draft), time.perf_counter() - began)
         return draft
 
     def update(self, drafted: int, accepted: int) -> None:
-        self.last.update(drafted, accepted)
+        if self.last is not None:
+            self.last.update(drafted, accepted)
 
     def timed(self, rows: int, seconds: float) -> None:
-        self.last.timed(rows, seconds)
+        self.cost.timed(rows, seconds)

@@ -27,7 +27,7 @@ def test_with_a_draft_model_a_three_token_match_drafts_by_lookup_and_anything_el
     model = Recording()
     drafts = Drafts(4, model)
     assert drafts.next([1, 2, 3, 9, 8, 1, 2, 3], room=4)[0] == 9 and not model.asked  # copying costs nothing
-    assert drafts.last is drafts.by_lookup
+    assert drafts.last is drafts.by_match[3]
     assert drafts.next([5, 1, 2, 9, 1, 2], room=4)[0] == 7 and model.asked  # a weak match: the model drafts
     assert drafts.last is drafts.by_model
     assert Drafts(4).next([5, 1, 2, 9, 1, 2], room=4)[0] == 9  # without a model, the 2-token match drafts
@@ -42,10 +42,25 @@ def test_each_source_learns_its_own_acceptance():
     for _ in range(20):
         for history in ([1, 2, 3, 9, 8, 1, 2, 3], [4, 5, 6]):  # text that copies; text that does not
             draft = drafts.next(history, room=6)
-            by_lookup = drafts.last is drafts.by_lookup
+            by_lookup = drafts.last is drafts.by_match[3]
             lookups += by_lookup
             drafts.update(len(draft), 0 if by_lookup else len(draft))  # lookup refused at once; the model taken
-    assert lookups >= 2 and drafts.by_lookup.rate < 0.3 and drafts.by_model.now == 6
+    assert lookups >= 2 and drafts.by_match[3].rate < 0.3 and drafts.by_model.now == 6
+
+
+def test_each_match_length_learns_its_own_acceptance():
+    """Refused drafts after 1-token matches do not shorten the drafts after 3-token matches, which are taken whole
+    (one acceptance for all match lengths drafted 3 tokens here instead of 6)."""
+    drafts = Drafts(6)
+    copying = [1, 2, 3, 9, 8, 7, 6, 5, 4, 1, 2, 3]  # ends with a 3-token match: 9 8 7 6 5 4 follow it
+    weak = [11, 12, 13, 12]  # ends with a 1-token match only
+    for _ in range(20):
+        for history in (copying, weak):
+            draft = drafts.next(history, room=6)
+            drafts.update(len(draft), len(draft) if history is copying else 0)
+    assert drafts.next(copying, room=6) == [9, 8, 7, 6, 5, 4]
+    assert drafts.next(weak, room=6) == []  # 1-token matches stopped drafting
+    assert drafts.by_match[1].rate < 0.3 < 0.9 < drafts.by_match[3].rate
 
 
 def test_the_length_counts_what_a_drafted_token_costs():
