@@ -167,8 +167,7 @@ class Drafts:
     def __init__(self, most: int, model: ModelDrafter | None = None):
         self.model = model
         self.cost = PassCost()
-        self.sizes = self.STRONG if model else NGRAMS
-        self.by_match = {size: DraftLength(most, self.cost) for size in self.sizes}
+        self.by_match = {size: DraftLength(most, self.cost) for size in (self.STRONG if model else NGRAMS)}
         self.by_model = DraftLength(most, self.cost) if model else None
         self.last: DraftLength | None = None  # the source of the draft in flight
 
