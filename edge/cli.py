@@ -63,11 +63,14 @@ def main(verbose: bool) -> None:
 @click.option("--kv-dtype", type=click.Choice(["float32", "float16", "int8"]), default="float32", show_default=True,
               help="float16 halves the KV cache (slower attention on CPUs without fp16 arithmetic); int8 quarters "
                    "it and speeds up long contexts, with per-channel scales calibrated at export (less faithful).")
+@click.option("--compact/--no-compact", default=True, show_default=True,
+              help="GGUF: keep the rows of 5/6-bit and k-quant weights as in the file (a folder near the file's "
+                   "size) and convert them at load, once per graph cache; --no-compact stores them converted.")
 @click.option("--verify/--no-verify", default=None, help="Compare with the transformers reference (default: on).")
 @click.option("--min-agreement", type=float, default=None, help="Fail verification below this top-1 agreement.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 def export_cmd(source, output, loras, lora_slots, lora_targets, precision, block_size, accuracy_level, fidelity, lm_head,
-               via, quant_method, max_length, kv_dtype, verify, min_agreement, force):
+               via, quant_method, max_length, kv_dtype, compact, verify, min_agreement, force):
     """Export SOURCE (a Hugging Face folder or a llama .gguf) to an int4 ONNX model folder."""
     try:
         from nomoat.export.builder import BuildOptions
@@ -79,6 +82,7 @@ def export_cmd(source, output, loras, lora_slots, lora_targets, precision, block
     opts = BuildOptions(precision=precision, block_size=block_size, accuracy_level=accuracy_level, lm_head=lm_head,
                         fidelity=fidelity,
                         quant_method=quant_method, max_length=max_length, kv_dtype=kv_dtype, lora_rank=lora_slots,
+                        compact=compact,
                         lora_targets=tuple(t.strip() for t in lora_targets.split(",") if t.strip()))
     try:
         export_model(source, output, opts, [parse_lora_arg(a) for a in loras], verify=verify, force=force,

@@ -119,6 +119,9 @@ def model_memory_mb(model: str | Path, context_length: int) -> float:
     runtime preallocates, the runtime itself, and the load's transient copies (RUNTIME_MB, LOAD_SHARE)."""
     m = read_manifest(model, verify_files=False)
     weights = sum(p.stat().st_size for p in m.folder.glob("model.onnx*")) / 2**20
+    if m.expanded:  # a compact folder: its GGUF rows are converted at load, and onnxruntime reads the larger blocks
+        rows = sum(n * row_bytes for w in m.expanded["weights"] for _, _, n, row_bytes in w["parts"])
+        weights += (m.expanded["bytes"] - rows) / 2**20
     return round(weights * (1 + LOAD_SHARE) + kv_cache_mb(model, context_length) + RUNTIME_MB, 1)
 
 

@@ -12,7 +12,9 @@ from pathlib import Path
 
 MANIFEST = "nomoat.json"
 VERIFIED = ".nomoat-verified.json"  # size and mtime of each file when its sha256 last matched
-FORMAT_VERSION = 2  # 2: the graph takes token embeddings, which the runtime reads from the weights file
+# 2: the graph takes token embeddings, which the runtime reads from the weights file; 3: compact folders, whose
+# "expanded" weights the runtime converts from GGUF rows at load (edge/expand.py)
+FORMAT_VERSION = 3
 KV_DTYPES = ("float32", "float16", "int8")  # what the runtime can allocate and bind (numpy dtype names)
 
 
@@ -69,6 +71,11 @@ class Manifest:
     def embedding(self) -> dict | None:
         """Where the token embedding's rows are (format 2); None: the graph takes token ids."""
         return self.data.get("embedding")
+
+    @property
+    def expanded(self) -> dict | None:
+        """Compact folders (format 3): the weights converted from GGUF rows at load (edge/expand.py)."""
+        return self.data.get("expanded")
 
     @property
     def eos_token_ids(self) -> list[int]:

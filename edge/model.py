@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from . import expand
 from .manifest import Manifest, ModelError, read_manifest
 from .profile import Profile
 
@@ -76,6 +77,8 @@ class Model:
         self.shared_threads = shared_threads
         self.manifest: Manifest = read_manifest(folder, verify_files=verify_files)
         self.folder = self.manifest.folder
+        self._verify = verify_files
+        self._scratch: Path | None = None  # a compact folder's converted weights, staged while sessions are made
         self.max_length = min(self.manifest.max_length, self.profile.context_length)
         self._graph_file = self.folder / self.manifest.data["graph"]["file"]
         quant = self.manifest.data["quantization"]
@@ -87,8 +90,12 @@ class Model:
                      self.manifest.name, level)
             level = None
         self.level = self._exported_level if level is None else level  # the main session's
-        self.session = self._session("main", *self._graph(self.level))
-        self.prefill_session = self._prefill_session()
+        try:
+            self.session = self._session("main", *self._graph(self.level))
+            self.prefill_session = self._prefill_session()
+        finally:
+            if self._scratch:  # onnxruntime has read what it needs
+                shutil.rmtree(self._scratch, ignore_errors=True)
         self._init_kv()
         self.lora_slots = {s["A"]: s for s in self.manifest.lora["slots"]}
         folders = [self.folder]
@@ -125,28 +132,54 @@ class Model:
         return self._session("prefill", f"{label}-decode-acc{self.level}", graph)
 
     def _session(self, kind: str, label: str, graph: bytes | None) -> ort.InferenceSession:
-        """kind: "main" or "prefill", one graph cache entry each; label: names the graph within it."""
+        """kind: "main" or "prefill", one graph cache entry each; label: names the graph within it;
+        graph: the serialized graph, None for model.onnx as it is."""
         p = self.profile
-        # a graph from memory finds its weights file in the model folder
-        data_folder = self.folder if graph is not None else None
-        so = _session_options(p, _LEVELS[p.graph_optimization], data_folder, self.shared_threads)
-        source: Path | bytes = self._graph_file if graph is None else graph
+        optimization = _LEVELS[p.graph_optimization]
         providers = choose_providers(p)
         try:
             if p.optimized_model_cache and [name for name, _ in providers] == ["CPUExecutionProvider"]:
                 try:
-                    cache = Path(p.optimized_model_cache).expanduser()
-                    source = self._prepacked_graph(kind, label, source, so, cache, data_folder)
+                    cached = self._prepacked_graph(kind, label, graph, optimization,
+                                                   Path(p.optimized_model_cache).expanduser())
                     so = _session_options(p, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, None,  # optimized already
                                           self.shared_threads)
+                    return ort.InferenceSession(str(cached), so, providers=providers)
                 except OSError as e:  # a read-only or full disk: load as usual
                     log.warning("no optimized graph cache (%s); loading %s directly", e, self._graph_file.name)
-            return ort.InferenceSession(source if isinstance(source, bytes) else str(source), so, providers=providers)
+            source, data_folder = self._source(graph)
+            so = _session_options(p, optimization, data_folder, self.shared_threads)
+            return ort.InferenceSession(source, so, providers=providers)
+        except ModelError:
+            raise
         except Exception as e:  # onnxruntime raises several exception types for a bad model
             raise ModelError(f"onnxruntime could not load {self._graph_file}: {str(e).splitlines()[0]}") from e
 
-    def _prepacked_graph(self, kind: str, label: str, source: Path | bytes, so: ort.SessionOptions, cache: Path,
-                         data_folder: Path | None) -> Path:
+    def _source(self, graph: bytes | None) -> tuple[str | bytes, Path | None]:
+        """What onnxruntime loads (the graph's path, or the graph itself) and where its external data is when that
+        is not beside the path: the model folder, or for a compact folder the staged scratch folder."""
+        if self.manifest.expanded:
+            return graph or self._graph_file.read_bytes(), self._staged()
+        return (str(self._graph_file), None) if graph is None else (graph, self.folder)
+
+    def _staged(self) -> Path:
+        """The scratch folder with a compact folder's converted weights (edge/expand.py), made once per load."""
+        if self._scratch is None:
+            t0 = time.perf_counter()
+            cache = self.profile.optimized_model_cache
+            try:
+                parent = Path(cache).expanduser() if cache else None
+                if parent:
+                    parent.mkdir(parents=True, exist_ok=True)
+                self._scratch = expand.stage(self.folder, self.manifest.expanded, parent, check=self._verify)
+            except (OSError, ValueError) as e:
+                raise ModelError(f"{self.folder}: cannot convert its compact weights: {e}") from e
+            log.info("converted %.1f MiB of GGUF rows in %.2f s", self.manifest.expanded["bytes"] / 2**20,
+                     time.perf_counter() - t0)
+        return self._scratch
+
+    def _prepacked_graph(self, kind: str, label: str, graph: bytes | None, optimization: ort.GraphOptimizationLevel,
+                         cache: Path) -> Path:
         """The optimized graph for this CPU, with the kernels' prepacked weights in its external data file.
 
         Loading it maps the prepacked weights from disk instead of building a copy on the heap, so the
@@ -158,17 +191,19 @@ class Model:
         device = inspect_device()  # CPU name and feature flags: stable, unlike cpuinfo's clock speeds
         model = self.manifest.data["model_hash"][:12]
         key = hashlib.sha256(f"{label} {ort.__version__} {device.machine} {device.cpu} {device.features} "
-                             f"{so.graph_optimization_level}".encode()).hexdigest()[:12]
+                             f"{optimization}".encode()).hexdigest()[:12]
         target = cache / f"{model}-{kind}-{key}"
         if not (target / "model.onnx").exists():
             for stale in cache.glob(f"{model}-{kind}-*"):  # this graph for another version, level or CPU
                 shutil.rmtree(stale, ignore_errors=True)
             cache.mkdir(parents=True, exist_ok=True)
+            source, data_folder = self._source(graph)
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache))
             try:
                 tmp.chmod(0o755)
-                _write_prepacked_graph(source, tmp / "model.onnx", so.graph_optimization_level, data_folder)
+                _write_prepacked_graph(source, tmp / "model.onnx", optimization, data_folder)
                 tmp.rename(target)
+                trim_heap()  # the writer's session is gone: before the next one fills the heap above its pages
             except Exception as e:  # a full disk, or another process that made it first
                 shutil.rmtree(tmp, ignore_errors=True)
                 if not (target / "model.onnx").exists():
@@ -242,7 +277,7 @@ def _session_options(p: Profile, optimization: ort.GraphOptimizationLevel,
     return so
 
 
-def _write_prepacked_graph(source: Path | bytes, out: Path, optimization: ort.GraphOptimizationLevel,
+def _write_prepacked_graph(source: str | bytes, out: Path, optimization: ort.GraphOptimizationLevel,
                            data_folder: Path | None) -> None:
     """Let onnxruntime optimize the graph for this CPU and save it with the prepacked weights as external data."""
     so = _session_options(Profile(threads=1), optimization, data_folder)
@@ -250,7 +285,7 @@ def _write_prepacked_graph(source: Path | bytes, out: Path, optimization: ort.Gr
     so.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{out.name}.data")
     so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     so.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
-    ort.InferenceSession(source if isinstance(source, bytes) else str(source), so, providers=["CPUExecutionProvider"])
+    ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
 
 
 _MADV_DONTNEED = 4  # the same number on every Linux architecture (Android included)

@@ -6,12 +6,16 @@ contrib ops do the heavy lifting:
 - MatMulNBits: int4/int8 block-quantized linears (q/k/v fused into one, gate/up into one).
   GGUF blocks with a minimum (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K: w = s*q + m) run as symmetric MatMulNBits plus a
   cheap correction: sum over blocks of (block-sum of x) * m, one small MatMul shared by the fused linear
-  (export/gguf_blocks.py maps every GGUF type it can onto these blocks).
+  (edge/gguf_blocks.py maps every GGUF type it can onto these blocks).
 - GroupQueryAttention: rotary embedding, GQA and the KV cache in one op, fed the fused [q | k | v]
   output as it is (no Split) unless LoRA slots sit on q/k/v. The cache is a
   preallocated [1, kv_heads, max_len, head_dim] buffer that the runtime binds as both past
   and present (shared buffer), so decoding never copies or grows it.
 - SkipSimplifiedLayerNormalization: residual add + RMSNorm.
+
+Compact folders (the default for GGUF sources): weights whose MatMulNBits blocks would be much larger than their
+GGUF rows (5/6-bit types stored in 8 bits, k-quant scales in fp32) keep the rows in the data file, and their
+initializers point into a buffer that the runtime converts at load (edge/expand.py; the recipe is in nomoat.json).
 
 Block scales that fit half precision exactly (all of a GGUF's) are stored as fp16 and cast to fp32
 in the graph; onnxruntime folds the cast at load, so the weights file is ~8 % smaller for free.
@@ -29,11 +33,13 @@ Graph interface (recorded in nomoat.json):
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
+from nomoat.edge.expand import EXPANDED
 from onnx import TensorProto, helper, numpy_helper
 
 from .quantize import pack_zero_points, quantize_weight
@@ -44,6 +50,10 @@ OPSET = 21
 # chunk starts page-aligned in the data file): onnxruntime prepacks one weight at a time, with a heap copy
 # beside the mapped original, so the largest weight sets the peak memory of a load.
 LM_HEAD_ROWS = 12288
+# A GGUF weight is stored as its rows (a compact folder) where they are under this fraction of its blocks' bytes:
+# 5/6-bit types, k-quants and IQ4 (0.43-0.75); Q4_0, Q4_1 and Q8_0 blocks are within 10 % of their rows, and
+# are kept as blocks (nothing to convert at load)
+COMPACT_RATIO = 0.8
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -58,6 +68,7 @@ class BuildOptions:
     fidelity: str = "default"  # exact: accuracy level 1 and an fp32 lm_head (export_model sets them)
     max_length: int = 2048  # rotary table and KV buffer limit
     lora_rank: int = 0  # 0: no LoRA slots
+    compact: bool = True  # GGUF sources: keep the rows of weights whose blocks are much larger (COMPACT_RATIO)
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     # merged LoRA deltas: HF weight name -> float delta [N, K], added before quantization
     deltas: dict[str, np.ndarray] = field(default_factory=dict)
@@ -75,14 +86,40 @@ class Graph:
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
         self.tables: dict[str, dict] = {}  # name -> where its bytes are in the data file (see table)
+        # compact folders: the weights converted at load, and the converted buffer's size and sha256 (edge/expand.py)
+        self.expanded: list[dict] = []
+        self.expanded_bytes = 0
+        self.expanded_sha256 = hashlib.sha256()
         self._count = 0
 
-    def init(self, name: str, array: np.ndarray) -> str:
+    def init(self, name: str, array: np.ndarray, derive: tuple[dict, str] | None = None) -> str:
+        """derive: (a weight's recipe from gguf_rows, field): the runtime makes this initializer from the rows."""
         array = np.ascontiguousarray(array)
         if array.nbytes < 1024:
             self.inits.append(numpy_helper.from_array(array, name))
             return name
+        if derive:
+            return self.derived(name, array, *derive)
         return self.view(name, self.table(name, array), 0, array.shape[0])
+
+    def gguf_rows(self, name: str, raw: tuple[tuple[str, np.ndarray], ...]) -> dict:
+        """Store a weight's GGUF rows in the data file; returns its recipe, which `derived` initializers add to."""
+        return self.recipe([[kind, self.table(f"{name}.gguf{i}", r)["offset"], *r.shape]
+                            for i, (kind, r) in enumerate(raw)])
+
+    def recipe(self, parts: list[list]) -> dict:
+        """A weight converted at load from stored GGUF rows: parts [[type, offset, rows, bytes per row], ...]."""
+        self.expanded.append({"parts": parts, "outputs": {}})
+        return self.expanded[-1]
+
+    def derived(self, name: str, array: np.ndarray, weight: dict, field: str) -> str:
+        """An initializer in the EXPANDED buffer (64-byte aligned), which the runtime converts from `weight`'s rows."""
+        offset = -(-self.expanded_bytes // 64) * 64
+        self.expanded_sha256.update(bytes(offset - self.expanded_bytes))  # the buffer's zero padding
+        self.expanded_sha256.update(array.data)
+        self.expanded_bytes = offset + array.nbytes
+        weight["outputs"][field] = {"name": name, "offset": offset, "dtype": array.dtype.name, "shape": list(array.shape)}
+        return self._external(name, array.dtype, list(array.shape), EXPANDED, offset, array.nbytes)
 
     def table(self, name: str, array: np.ndarray) -> dict:
         """Write the array's bytes to the data file (page-aligned) and say where: {offset, dtype, shape}."""
@@ -96,22 +133,32 @@ class Graph:
         """An initializer over rows [start, start + rows) of a stored table: the same bytes, not a copy."""
         dtype, shape = np.dtype(table["dtype"]), table["shape"]
         row_bytes = dtype.itemsize * int(np.prod(shape[1:]))
-        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(dtype), dims=[rows, *shape[1:]])
+        return self._external(name, dtype, [rows, *shape[1:]], self.data_name, table["offset"] + start * row_bytes,
+                              rows * row_bytes)
+
+    def _external(self, name: str, dtype: np.dtype, dims: list[int], location: str, offset: int, length: int) -> str:
+        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(dtype), dims=dims)
         t.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.data_name), ("offset", table["offset"] + start * row_bytes),
-                           ("length", rows * row_bytes)):
+        for key, value in (("location", location), ("offset", offset), ("length", length)):
             t.external_data.add(key=key, value=str(value))
         self.inits.append(t)
         return name
 
-    def scales(self, name: str, scales: np.ndarray) -> str:
+    def expanded_spec(self) -> dict | None:
+        """nomoat.json's "expanded" section (edge/expand.py), None without converted weights."""
+        if not self.expanded:
+            return None
+        return {"file": EXPANDED, "bytes": self.expanded_bytes, "sha256": self.expanded_sha256.hexdigest(),
+                "weights": self.expanded}
+
+    def scales(self, name: str, scales: np.ndarray, derive: tuple[dict, str] | None = None) -> str:
         """Block scales, stored in half precision where that is lossless (GGUF's are fp16) and cast back
         to the fp32 that MatMulNBits takes. onnxruntime folds the Cast when it loads the graph (and the
         prepacked graph cache holds the result), so only the file shrinks: 2 bytes per block instead of 4."""
         half = half_if_lossless(scales)
         if half.dtype == scales.dtype:
-            return self.init(name, scales)
-        return self.op("Cast", [self.init(f"{name}.f16", half)], outs=[name], to=TensorProto.FLOAT)[0]
+            return self.init(name, scales, derive)
+        return self.op("Cast", [self.init(f"{name}.f16", half, derive)], outs=[name], to=TensorProto.FLOAT)[0]
 
     def const(self, values, dtype=np.int64) -> str:
         self._count += 1
@@ -196,11 +243,26 @@ class LlamaBuilder:
         g = self.g
         if isinstance(w, np.ndarray):
             return g.op1("MatMul", [x, g.init(f"{name}.weight_t", w.T)], name=name)
-        return self.quantized_matmul(x, w, name, g.init(f"{name}.qweight", w.packed), g.scales(f"{name}.scales", w.scales))
+        rows = self.stored_rows(name, w)
+        derive = (lambda field: (rows, field)) if rows else (lambda field: None)  # noqa: E731
+        return self.quantized_matmul(x, w, name, g.init(f"{name}.qweight", w.packed, derive("packed")),
+                                     g.scales(f"{name}.scales", w.scales, derive("scales")), mins=derive("mins_t"))
+
+    def stored_rows(self, name: str, w: QuantBlocks) -> dict | None:
+        """The recipe of a weight that the folder keeps as GGUF rows; None: keep its blocks."""
+        return self.g.gguf_rows(name, w.raw) if self.keeps_rows(w) else None
+
+    def keeps_rows(self, w: QuantBlocks) -> bool:
+        """A compact folder keeps a GGUF weight's rows where its blocks would be much larger (COMPACT_RATIO)."""
+        if not self.opts.compact or not w.raw:
+            return False
+        blocks = w.packed.nbytes + half_if_lossless(w.scales).nbytes + (0 if w.mins is None else w.mins.nbytes)
+        return sum(r.nbytes for _, r in w.raw) <= COMPACT_RATIO * blocks
 
     def quantized_matmul(self, x: str, w: QuantBlocks, name: str, qweight: str, scales: str,
-                         block_sums: str | None = None) -> str:
-        """MatMulNBits over stored blocks (+ the Q4_1 correction, from `block_sums` of x when given)."""
+                         block_sums: str | None = None, mins: tuple[dict, str] | None = None) -> str:
+        """MatMulNBits over stored blocks (+ the Q4_1 correction, from `block_sums` of x when given);
+        mins: how the correction's weight is derived (Graph.init)."""
         g = self.g
         n, k = w.shape
         inputs = [x, qweight, scales]
@@ -212,7 +274,7 @@ class LlamaBuilder:
         if w.mins is None:
             return y
         # GGUF types with a minimum: + sum_b blocksum(x)_b * mins[n, b]
-        corr = g.op1("MatMul", [block_sums or self.block_sums(x, w), g.init(f"{name}.mins_t", w.mins.T)])
+        corr = g.op1("MatMul", [block_sums or self.block_sums(x, w), g.init(f"{name}.mins_t", w.mins.T, mins)])
         return g.op1("Add", [y, corr])
 
     def block_sums(self, x: str, w: QuantBlocks) -> str:
@@ -241,10 +303,16 @@ class LlamaBuilder:
             self.embedding = {"weight": g.table(name, w)}
             return
         self.embedding = {**self.block_tables(name, w), "bits": w.bits, "block_size": w.block_size}
-        if w.mins is not None:  # a Q4_1 lm_head has its own transposed copy
+        if w.mins is not None and "gguf" not in self.embedding:  # a Q4_1 lm_head has its own transposed copy
             self.embedding["mins"] = g.table(f"{name}.mins", w.mins)
 
     def block_tables(self, name: str, w: QuantBlocks) -> dict:
+        """A [rows, ...] weight's tables, for the token lookup and the chunked lm_head: its GGUF rows in a compact
+        folder (keeps_rows; the lookup and the runtime convert them), else its blocks and their scales."""
+        if len(w.raw or ()) == 1 and self.keeps_rows(w):
+            (kind, raw), = w.raw
+            t = self.g.table(f"{name}.gguf", raw)
+            return {"gguf": {"type": kind, "offset": t["offset"], "rows": raw.shape[0], "row_bytes": raw.shape[1]}}
         return {"weight": self.g.table(f"{name}.qweight", w.packed),
                 "scales": self.g.table(f"{name}.scales", half_if_lossless(w.scales))}
 
@@ -359,6 +427,13 @@ class LlamaBuilder:
         for start in range(0, n, LM_HEAD_ROWS):
             rows = min(LM_HEAD_ROWS, n - start)
             name = "lm_head" if rows == n else f"lm_head.{start // LM_HEAD_ROWS}"
+            if "gguf" in tables:  # a compact folder: each chunk converted at load from its rows of the table
+                src, chunk = tables["gguf"], w.take_rows(np.arange(start, start + rows))
+                recipe = g.recipe([[src["type"], src["offset"] + start * src["row_bytes"], rows, src["row_bytes"]]])
+                outs.append(self.quantized_matmul(
+                    x, chunk, name, g.init(f"{name}.qweight", chunk.packed, (recipe, "packed")),
+                    g.scales(f"{name}.scales", chunk.scales, (recipe, "scales")), sums, mins=(recipe, "mins_t")))
+                continue
             scales = g.view(f"{name}.scales", tables["scales"], start, rows)
             if tables["scales"]["dtype"] == "float16":
                 scales = g.op1("Cast", [scales], to=TensorProto.FLOAT)
@@ -405,7 +480,9 @@ def _concat_weights(ws: list) -> np.ndarray | QuantBlocks:
         return np.concatenate(ws, axis=0)
     w0 = ws[0]
     cat = lambda attr: None if getattr(w0, attr) is None else np.concatenate([getattr(w, attr) for w in ws])  # noqa: E731
-    return QuantBlocks(w0.bits, w0.block_size, cat("packed"), cat("scales"), cat("zero_points"), cat("mins"), w0.kind)
+    raw = sum((w.raw for w in ws), ()) if all(w.raw for w in ws) else None
+    return QuantBlocks(w0.bits, w0.block_size, cat("packed"), cat("scales"), cat("zero_points"), cat("mins"), w0.kind,
+                       raw)
 
 
 def rotary_tables(c: LlamaConfig, max_length: int) -> tuple[np.ndarray, np.ndarray]:

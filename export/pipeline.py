@@ -59,20 +59,25 @@ def export_model(source: str | Path, out: str | Path, opts: BuildOptions, loras:
             from .via_optimum import export_via_optimum
 
             kinds, lora_inputs, embedding = export_via_optimum(Path(source), ckpt, opts, tmp, log), [], None
+            expanded = None
         else:
             builder = LlamaBuilder(ckpt, opts, tmp / "model.onnx.data")
             model = builder.build()
             onnx.save_model(model, str(tmp / "model.onnx"))
             del model
             kinds, lora_inputs, embedding = builder.weight_kinds, builder.lora_inputs, builder.embedding
+            expanded = builder.g.expanded_spec()
+            if expanded:
+                check_expansion(tmp, expanded)
         kv_quantization = None
         if opts.kv_dtype == "int8":  # built with a float32 cache, run once to calibrate, then rewritten
             from .calibrate import quantize_kv_cache_of
 
             write_manifest(tmp, ckpt, replace(opts, kv_dtype="float32"), kinds, lora_inputs, adapters, out.name, via,
-                           embedding=embedding)
+                           embedding=embedding, expanded=expanded)
             kv_quantization = quantize_kv_cache_of(tmp)
-        write_manifest(tmp, ckpt, opts, kinds, lora_inputs, adapters, out.name, via, kv_quantization, embedding)
+        write_manifest(tmp, ckpt, opts, kinds, lora_inputs, adapters, out.name, via, kv_quantization, embedding,
+                       expanded)
         log(f"exported {Path(source).name} -> {out} in {time.time() - t0:.1f}s ({_size_mb(tmp):.1f} MB)")
         log(f"  weights: {describe_weights(kinds, getattr(ckpt, 'requantized', {}))}")
         if verify is None:
@@ -147,14 +152,16 @@ def _save_tokenizer_child(source: str, folder: str) -> None:
 
 def write_manifest(folder: Path, ckpt, opts: BuildOptions, weight_kinds: dict[str, str], lora_inputs: list[dict],
                    adapters, name: str, via: str = "builder", kv_quantization: dict | None = None,
-                   embedding: dict | None = None) -> None:
+                   embedding: dict | None = None, expanded: dict | None = None) -> None:
     optimum = via == "optimum"
     c = ckpt.config
     tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
     files = {f.name: sha256_file(f) for f in sorted(folder.iterdir()) if f.is_file() and f.name != MANIFEST}
     data = {
         "format": "nomoat-model",
-        "format_version": 1 if optimum else FORMAT_VERSION,  # optimum's graphs: token ids, as in version 1
+        # optimum's graphs: token ids, as in version 1; 3 only for compact folders, so that older runtimes still
+        # read the others
+        "format_version": 1 if optimum else FORMAT_VERSION if expanded or "gguf" in (embedding or {}) else 2,
         "exporter": f"nomoat {__version__}",
         "name": name,
         "architecture": "llama",
@@ -172,6 +179,8 @@ def write_manifest(folder: Path, ckpt, opts: BuildOptions, weight_kinds: dict[st
         },
         # the token embedding's tables in the weights file, which the runtime reads rows of (edge/embedding.py)
         **({"embedding": {"file": "model.onnx.data", **embedding}} if embedding else {}),
+        # compact folders: the weights that the runtime converts from GGUF rows at load (edge/expand.py)
+        **({"expanded": expanded} if expanded else {}),
         "kv_cache": {
             "layout": "BNSH",
             "dtype": opts.kv_dtype,
@@ -209,6 +218,16 @@ def write_manifest(folder: Path, ckpt, opts: BuildOptions, weight_kinds: dict[st
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     (folder / MANIFEST).write_text(json.dumps(data, indent=1))
+
+
+def check_expansion(folder: Path, spec: dict) -> None:
+    """The runtime's conversion of the stored GGUF rows must give the bytes the builder meant (same sha256)."""
+    from nomoat.edge.expand import write_expanded
+
+    try:
+        write_expanded(folder / "model.onnx.data", spec, Path(os.devnull))
+    except ValueError as e:
+        raise ExportError(f"compact folder check failed: {e} (export with --no-compact)") from e
 
 
 def _size_mb(folder: Path) -> float:

@@ -14,8 +14,9 @@ through `quantize_weight` with one of onnxruntime's methods:
 from __future__ import annotations
 
 import numpy as np
+from nomoat.edge.gguf_blocks import pack_nibbles
 
-from .sources import QuantBlocks, pack_nibbles, unpack_nibbles
+from .sources import QuantBlocks, unpack_nibbles
 
 METHODS = ("rtn", "rtn-asym", "k_quant", "hqq")
 

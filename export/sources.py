@@ -3,7 +3,7 @@
 Every tensor is returned under its Hugging Face name, in Hugging Face layout, one at a time,
 so that peak memory stays near one layer above the output. GGUF tensors that are already
 quantized in a block format that MatMulNBits can run exactly (Q4_0/1, Q5_0/1, Q8_0, the k-quants Q2_K-Q6_K,
-IQ4_NL, IQ4_XS: export/gguf_blocks.py) come back as `QuantBlocks` without being re-quantized; every other
+IQ4_NL, IQ4_XS: edge/gguf_blocks.py) come back as `QuantBlocks` without being re-quantized; every other
 GGUF type (the 1-3 bit IQ codebooks, TQ, MXFP4 …) is dequantized to fp32 and re-quantized.
 """
 
@@ -59,6 +59,9 @@ class QuantBlocks:
     zero_points: np.ndarray | None = None  # uint8 [N, K/block], one per block, unpacked
     mins: np.ndarray | None = None  # float32 [N, K/block]
     kind: str = ""  # where it came from, e.g. "gguf:Q4_1" or "rtn"
+    # the GGUF rows these blocks were converted from, row for row: ((type, uint8 [rows, bytes per row]), ...);
+    # a compact folder stores these and the runtime converts them at load (edge/expand.py)
+    raw: tuple[tuple[str, np.ndarray], ...] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -67,8 +70,11 @@ class QuantBlocks:
     def take_rows(self, rows: np.ndarray) -> QuantBlocks:
         """The same weight with its output rows reordered (rows are independent blocks)."""
         pick = lambda a: None if a is None else np.ascontiguousarray(a[rows])  # noqa: E731
+        raw = None
+        if self.raw and len({kind for kind, _ in self.raw}) == 1:
+            raw = ((self.raw[0][0], pick(np.concatenate([r for _, r in self.raw]))),)
         return QuantBlocks(self.bits, self.block_size, pick(self.packed), pick(self.scales),
-                           pick(self.zero_points), pick(self.mins), self.kind)
+                           pick(self.zero_points), pick(self.mins), self.kind, raw)
 
     def dequantize(self) -> np.ndarray:
         q = unpack_nibbles(self.packed) if self.bits == 4 else self.packed
@@ -87,10 +93,6 @@ def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
     out[..., 0::2] = packed & 0x0F
     out[..., 1::2] = packed >> 4
     return out
-
-
-def pack_nibbles(q: np.ndarray) -> np.ndarray:
-    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
 
 
 class Checkpoint:
@@ -319,8 +321,7 @@ class GGUFCheckpoint(Checkpoint):
 
     def tensor(self, name: str) -> np.ndarray | QuantBlocks:
         import gguf
-
-        from .gguf_blocks import EXACT_TYPES, gguf_blocks
+        from nomoat.edge.gguf_blocks import EXACT_TYPES, gguf_blocks
 
         t = self.tensors.get(_gguf_name(name))
         if t is None:
@@ -328,7 +329,9 @@ class GGUFCheckpoint(Checkpoint):
         kind = t.tensor_type.name
         n_rows = int(t.shape[-1]) if len(t.shape) > 1 else 1
         if kind in EXACT_TYPES:
-            out = gguf_blocks(kind, np.asarray(t.data).reshape(n_rows, -1))
+            raw = np.asarray(t.data).reshape(n_rows, -1)
+            b = gguf_blocks(kind, raw)
+            out = QuantBlocks(b.bits, b.block_size, b.packed, b.scales, None, b.mins, f"gguf:{kind}", ((kind, raw),))
         else:
             if kind not in ("F32", "F16", "BF16", "F64"):
                 self.requantized[name] = kind

@@ -1,6 +1,6 @@
 """Runs inside emulated aarch64 (and on the host, for the reference): greedy tokens and prefill logits as JSON.
 
-    python arm64_probe.py INT4_MODEL SLOTS_MODEL ADAPTER_FILE KV16_MODEL GGUF_MODEL KV8_MODEL
+    python arm64_probe.py INT4_MODEL SLOTS_MODEL ADAPTER_FILE KV16_MODEL GGUF_MODEL KV8_MODEL COMPACT_MODEL
 
 Only the installed `nomoat` package is used (the test runs this file from a folder outside the checkout).
 """
@@ -16,7 +16,8 @@ from nomoat.edge.profile import Profile
 PROMPT = "The capital of France is"
 
 
-def main(int4_model: str, slots_model: str, adapter: str, kv16_model: str, gguf_model: str, kv8_model: str) -> dict:
+def main(int4_model: str, slots_model: str, adapter: str, kv16_model: str, gguf_model: str, kv8_model: str,
+         compact_model: str) -> dict:
     device = inspect_device()
     out: dict = {"machine": platform.machine(), "onnxruntime": onnxruntime.__version__, "cpu": device.cpu,
                  "fitting_profiles": fitting_profiles(device)}
@@ -43,6 +44,9 @@ def main(int4_model: str, slots_model: str, adapter: str, kv16_model: str, gguf_
     g = Generator(kv8_model, Profile(accuracy_level=1, threads=1))
     out["kv8_logits"] = g.prefill(g.encode(PROMPT)).ravel().tolist()
     out["kv8_tokens"] = g.generate(PROMPT, max_tokens=8).tokens
+    # a compact folder (a Q4_K_M-like GGUF): its rows converted here, checked against the exporter's sha256
+    g = Generator(compact_model, Profile(accuracy_level=1, threads=1))
+    out["compact_logits"] = g.prefill(g.encode(PROMPT)).ravel().tolist()
     # a draft model (the model drafting for itself) on the shared thread pool; last, because once the process has
     # that pool every later session runs on it
     g = Generator(int4_model, Profile(accuracy_level=1, threads=1, draft_model=int4_model))
@@ -52,4 +56,4 @@ def main(int4_model: str, slots_model: str, adapter: str, kv16_model: str, gguf_
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(*sys.argv[1:7])))
+    print(json.dumps(main(*sys.argv[1:8])))

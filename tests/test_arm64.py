@@ -34,12 +34,20 @@ def models(tiny, adapters, smollm2_gguf, tmp_path_factory) -> list[str]:
     kv16 = export(tiny, root / "int4-kv16", kv_dtype="float16")
     # a GGUF import, as a Pi user makes one: Q4_0 blocks kept, fp16 block scales cast in the graph
     sys.path.insert(0, str(ROOT / "tools"))
+    from gguf import GGMLQuantizationType
     from random_llama_gguf import write_random_llama
 
     write_random_llama(str(root / "r.gguf"), str(smollm2_gguf), hidden=128, ffn=256, layers=2, heads=4, kv_heads=2)
     gguf = export(root / "r.gguf", root / "gguf", max_length=64)
     kv8 = export(tiny, root / "int4-kv8", kv_dtype="int8")
-    return [str(int4), str(slots), str(root / "a1.onnx_adapter"), str(kv16), str(gguf), str(kv8)]
+    # the mix of a llama-quantize Q4_K_M file (Q5_0, Q4_K, Q6_K; a tied Q6_K embedding): a compact folder
+    mix = iter(range(1000))
+    write_random_llama(str(root / "k.gguf"), str(smollm2_gguf), hidden=256, ffn=512, layers=2, heads=4, kv_heads=2,
+                       tied=True, qtypes=lambda name: GGMLQuantizationType.Q6_K if name == "token_embd.weight"
+                       else GGMLQuantizationType[("Q5_0", "Q4_K", "Q6_K")[next(mix) % 3]])
+    compact = export(root / "k.gguf", root / "compact", max_length=64)
+    assert json.loads((compact / "nomoat.json").read_text())["expanded"]
+    return [str(int4), str(slots), str(root / "a1.onnx_adapter"), str(kv16), str(gguf), str(kv8), str(compact)]
 
 
 def probe(cmd: list[str], models: list[str], cwd: Path, env: dict | None = None) -> dict:
@@ -95,6 +103,10 @@ def test_runtime_on_aarch64_matches_x86(arm64, models, host, cpu, dotprod, board
     # the int8 KV cache: the x86 tokens; logits equal but for a rounding tie flipping one cached step
     assert arm["kv8_tokens"] == host["kv8_tokens"]
     np.testing.assert_allclose(arm["kv8_logits"], host["kv8_logits"], atol=1e-2)
+
+    # the compact folder: converted on aarch64 to the exporter's bytes (or it would not load), the x86 logits
+    host_compact = np.array(host["compact_logits"])
+    np.testing.assert_allclose(arm["compact_logits"], host_compact, atol=1e-4 * np.abs(host_compact).max())
 
     # a draft model on the shared thread pool: the plain tokens, the same drafts taken as on x86
     assert arm["drafted"] == host["drafted"] and arm["drafted"]["tokens"] == arm["acc1_tokens"]

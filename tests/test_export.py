@@ -309,17 +309,19 @@ def test_every_gguf_block_type_converts_value_for_value():
     rounding (the offsets of types with a minimum are one fp32 sum); random bytes with sane fp16 scales are valid
     blocks of any type."""
     import gguf
-    from nomoat.export.gguf_blocks import EXACT_TYPES, gguf_blocks
+    from nomoat.edge.gguf_blocks import EXACT_TYPES, gguf_blocks
+    from nomoat.export.sources import QuantBlocks
     random_blocks = load_tool("random_llama_gguf").random_blocks
 
     rng = np.random.default_rng(0)
     for kind in EXACT_TYPES:
         qtype = gguf.GGMLQuantizationType[kind]
         raw = random_blocks(qtype, (16, 512), rng)
-        blocks = gguf_blocks(kind, raw)
-        assert blocks.bits in (4, 8) and blocks.kind == f"gguf:{kind}"
+        b = gguf_blocks(kind, raw)
+        assert b.bits in (4, 8)
         ref = gguf.quants.dequantize(raw, qtype).reshape(16, 512)
-        np.testing.assert_allclose(blocks.dequantize(), ref, rtol=0, atol=2 * np.finfo(np.float32).eps *
+        ours = QuantBlocks(b.bits, b.block_size, b.packed, b.scales, None, b.mins).dequantize()
+        np.testing.assert_allclose(ours, ref, rtol=0, atol=2 * np.finfo(np.float32).eps *
                                    np.abs(ref).max(), err_msg=kind)
 
 
@@ -329,8 +331,8 @@ def test_a_gguf_of_every_block_type_exports_exactly(smollm2_gguf, tmp_path):
     manifest says so per type), and at fp32 compute (level 1) the graph gives the logits of gguf's own
     dequantized weights exported as float."""
     import gguf
+    from nomoat.edge.gguf_blocks import EXACT_TYPES
     from nomoat.export.builder import BuildOptions
-    from nomoat.export.gguf_blocks import EXACT_TYPES
     from nomoat.export.pipeline import export_model
     write_random_llama = load_tool("random_llama_gguf").write_random_llama
 
@@ -349,6 +351,86 @@ def test_a_gguf_of_every_block_type_exports_exactly(smollm2_gguf, tmp_path):
     ours, theirs = logits_of(exact), logits_of(ref)
     np.testing.assert_allclose(ours, theirs, atol=1e-4 * np.abs(theirs).max())
     assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+
+
+COMPACT_CYCLE = ("Q5_0", "Q6_K", "Q4_K", "Q5_K", "Q3_K", "Q5_1", "IQ4_XS", "Q2_K", "IQ4_NL")
+
+
+@pytest.fixture(scope="module", params=["untied", "tied"])
+def compact_pair(request, smollm2_gguf, tmp_path_factory):
+    """A random LLaMA GGUF whose weights cycle through the types a compact folder keeps as rows (a Q6_K token
+    embedding with a Q5_K output, or a tied Q4_K one), exported compact (the default) and --no-compact."""
+    import gguf
+    from nomoat.export.builder import BuildOptions
+    from nomoat.export.pipeline import export_model
+    write_random_llama = load_tool("random_llama_gguf").write_random_llama
+
+    tmp = tmp_path_factory.mktemp("compact")
+    names = iter(range(1000))
+
+    tied = request.param == "tied"
+    heads = {"token_embd.weight": "Q4_K" if tied else "Q6_K", "output.weight": "Q5_K"}
+
+    def types(name):
+        return gguf.GGMLQuantizationType[heads.get(name) or COMPACT_CYCLE[next(names) % len(COMPACT_CYCLE)]]
+
+    write_random_llama(str(tmp / "r.gguf"), str(smollm2_gguf), hidden=256, ffn=512, layers=2, heads=4, kv_heads=2,
+                       qtypes=types, tied=tied)
+    quiet = lambda *_: None  # noqa: E731
+    return (export_model(tmp / "r.gguf", tmp / "compact", BuildOptions(max_length=64), verify=False, log=quiet),
+            export_model(tmp / "r.gguf", tmp / "full", BuildOptions(max_length=64, compact=False), verify=False,
+                         log=quiet))
+
+
+def test_a_compact_folder_keeps_the_gguf_rows_and_runs_bit_for_bit_as_the_converted_one(compact_pair, tmp_path):
+    """Weights whose MatMulNBits blocks are much larger than their GGUF rows stay rows in the folder; the runtime
+    converts them at load (with and without the graph cache, whose later loads need no conversion), to the same
+    logits, bit for bit, and leaves no scratch folder behind."""
+    import tempfile
+
+    from nomoat.edge.profile import Profile
+
+    compact, full = compact_pair
+    m, f = (json.loads((d / "nomoat.json").read_text()) for d in (compact, full))
+    assert m["format_version"] == 3 and "expanded" not in f and f["format_version"] == 2
+    spec = m["expanded"]
+    kinds = {part[0] for w in spec["weights"] for part in w["parts"]}
+    tied = m["config"]["tie_word_embeddings"]
+    assert kinds == set(COMPACT_CYCLE) | {"Q4_K" if tied else "Q5_K"}, kinds  # the lm_head's chunks too
+    assert m["embedding"]["gguf"]["type"] == ("Q4_K" if tied else "Q6_K")  # the token lookup reads the rows
+    assert "gguf" not in f["embedding"]
+    lm_head = {w["parts"][0][1] for w in spec["weights"] if w["outputs"]["packed"]["name"].startswith("lm_head")}
+    assert (m["embedding"]["gguf"]["offset"] in lm_head) == tied  # tied: the lm_head reads the lookup's rows
+    raw = sum(rows * row_bytes for w in spec["weights"] for _, _, rows, row_bytes in w["parts"])
+    size = lambda d: (d / "model.onnx.data").stat().st_size  # noqa: E731
+    slack = 4096 * sum(len(w["parts"]) + len(w["outputs"]) for w in spec["weights"])  # page alignment
+    assert spec["bytes"] > 1.25 * raw  # what these types' blocks take, against their rows (Q4_K: 1.33x)
+    assert size(full) - size(compact) >= spec["bytes"] - raw - slack
+
+    scratch = lambda: set(Path(tempfile.gettempdir()).glob(".nomoat-expanded-*"))  # noqa: E731
+    before = scratch()
+    theirs = logits_of(full)
+    assert np.array_equal(logits_of(compact), theirs)
+    cache = tmp_path / "cache"
+    for _ in range(2):  # the first load converts and writes the cache, the second reads the cache alone
+        gen = Generator(compact, Profile(optimized_model_cache=str(cache)))
+        assert np.array_equal(teacher_forced_logits(gen, IDS), theirs)
+    assert not list(cache.glob(".*")) and scratch() <= before
+
+
+def test_a_compact_recipe_that_does_not_give_the_exporters_bytes_is_refused(compact_pair, tmp_path):
+    import shutil
+
+    from nomoat.edge.manifest import ModelError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(compact_pair[0], bad)
+    m = json.loads((bad / "nomoat.json").read_text())
+    first, second = m["expanded"]["weights"][:2]
+    first["parts"][0][1] = second["parts"][0][1]  # rows of another weight (the manifest is not in its own hashes)
+    write_json(bad / "nomoat.json", m)
+    with pytest.raises(ModelError, match="differ from the exporter's"):
+        Generator(bad)
 
 
 @pytest.mark.slow

@@ -63,10 +63,12 @@ def random_blocks(qtype: GGMLQuantizationType, shape: tuple[int, int], rng) -> n
 
 def write_random_llama(output: str, donor: str, hidden: int = 2048, ffn: int = 5632, layers: int = 22,
                        heads: int = 32, kv_heads: int = 4, seed: int = 0, qtypes=None,
-                       reference: str | None = None, rope_freqs: np.ndarray | None = None) -> dict[str, str]:
+                       reference: str | None = None, rope_freqs: np.ndarray | None = None,
+                       tied: bool = False) -> dict[str, str]:
     """qtypes(gguf tensor name) -> the block type of a weight matrix (default Q4_0, the output Q8_0);
     reference: also write the same weights, dequantized by gguf, as F32 to this file; rope_freqs: a Llama 3.x
-    file's rope_freqs tensor (the divisor of each rotary frequency). Returns name -> type."""
+    file's rope_freqs tensor (the divisor of each rotary frequency); tied: no output tensor (the token embedding is
+    the lm_head). Returns name -> type."""
     a = argparse.Namespace(output=output, hidden=hidden, ffn=ffn, layers=layers, heads=heads, kv_heads=kv_heads)
     writer = GGUFWriter(a.output, "llama")
     ref = GGUFWriter(reference, "llama") if reference else None
@@ -123,7 +125,8 @@ def write_random_llama(output: str, donor: str, hidden: int = 2048, ffn: int = 5
         add(f"{p}.ffn_up.weight", (a.ffn, a.hidden))
         add(f"{p}.ffn_down.weight", (a.hidden, a.ffn))
     add("output_norm.weight", (a.hidden,))
-    add("output.weight", (vocab, a.hidden), GGMLQuantizationType.Q8_0)
+    if not tied:
+        add("output.weight", (vocab, a.hidden), GGMLQuantizationType.Q8_0)
     for w in filter(None, (writer, ref)):
         w.write_header_to_file()
         w.write_kv_data_to_file()

@@ -1,5 +1,8 @@
 """GGUF quantized blocks -> MatMulNBits blocks, value for value (no re-quantization).
 
+Numpy only: the exporter converts with it, and the runtime expands a compact folder's stored GGUF rows with the
+same code at load (edge/expand.py), so both produce the same bytes.
+
 MatMulNBits computes w = scale_b * (q - 2^(bits-1)) per block b of 16-256 weights, q of 2, 4 or 8 bits; the
 builder adds `mins_b` per block with one small MatMul over the input's block sums (export/builder.py). Every
 GGUF type whose weights are an integer times a per-block scale, plus a per-block offset, fits that exactly:
@@ -30,13 +33,36 @@ offset is the only rounding: half an ulp of the offset, as in the fp32 arithmeti
 
 from __future__ import annotations
 
-import numpy as np
-from gguf.quants import IQ4_NL, Q4_K
+from typing import NamedTuple
 
-from .sources import QuantBlocks, pack_nibbles
+import numpy as np
 
 EXACT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
 SUPER_BLOCK_BYTES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210, "IQ4_XS": 136}  # per 256
+IQ4_NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int16)
+
+
+class Blocks(NamedTuple):
+    """A weight [N, K] in MatMulNBits layout: w = scales[n, b] * (q - 2^(bits-1)) (+ mins[n, b])."""
+
+    bits: int
+    block_size: int
+    packed: np.ndarray  # uint8 [N, K/block, block*bits/8]
+    scales: np.ndarray  # float32 [N, K/block]
+    mins: np.ndarray | None  # float32 [N, K/block]
+
+
+def pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """MatMulNBits 4-bit packing: byte j holds element 2j (low nibble) and 2j+1 (high)."""
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _scale_min_k4(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K's 12 bytes of packed 6-bit scales and mins -> ([..., 8], [..., 8]) (llama.cpp's get_scale_min_k4)."""
+    d, m, m_d = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    sc = np.concatenate([d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
+    mn = np.concatenate([m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    return sc, mn
 
 
 def _f16(b: np.ndarray) -> np.ndarray:
@@ -50,17 +76,16 @@ def _bits(x: np.ndarray, shifts, mask: int) -> np.ndarray:
     return (x[..., None, :] >> s) & x.dtype.type(mask)
 
 
-def _blocks(bits: int, block: int, q: np.ndarray, scales: np.ndarray, mins: np.ndarray | None,
-            kind: str) -> QuantBlocks:
+def _blocks(bits: int, block: int, q: np.ndarray, scales: np.ndarray, mins: np.ndarray | None) -> Blocks:
     """q: integers [N, K] already offset to MatMulNBits' symmetric zero point (0..2^bits-1)."""
     n, k = q.shape
     q = q.reshape(n, k // block, block).astype(np.uint8)
     packed = pack_nibbles(q) if bits == 4 else q
-    return QuantBlocks(bits, block, np.ascontiguousarray(packed), np.ascontiguousarray(scales, dtype=np.float32),
-                       None, None if mins is None else np.ascontiguousarray(mins, dtype=np.float32), f"gguf:{kind}")
+    return Blocks(bits, block, np.ascontiguousarray(packed), np.ascontiguousarray(scales, dtype=np.float32),
+                  None if mins is None else np.ascontiguousarray(mins, dtype=np.float32))
 
 
-def gguf_blocks(kind: str, raw: np.ndarray) -> QuantBlocks:
+def gguf_blocks(kind: str, raw: np.ndarray) -> Blocks:
     """GGUF block rows (uint8 [N, bytes per row]) of type `kind` as MatMulNBits blocks, bit for bit."""
     n = raw.shape[0]
     if kind in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"):
@@ -68,44 +93,43 @@ def gguf_blocks(kind: str, raw: np.ndarray) -> QuantBlocks:
         b = raw.reshape(n, -1, size)
         d = _f16(b[..., :2])
         if kind == "Q8_0":  # w = d*q, q int8
-            return _blocks(8, 32, (b[..., 2:].view(np.int8).astype(np.int16) + 128).reshape(n, -1), d, None, kind)
+            return _blocks(8, 32, (b[..., 2:].view(np.int8).astype(np.int16) + 128).reshape(n, -1), d, None)
         qs = b[..., size - 16:]
         q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int16)  # low nibbles: 0..15, high: 16..31
         if kind == "IQ4_NL":  # w = d * kvalues[q]
-            return _blocks(8, 32, (np.array(IQ4_NL.kvalues, np.int16)[q] + 128).reshape(n, -1), d, None, kind)
+            return _blocks(8, 32, (IQ4_NL_VALUES[q] + 128).reshape(n, -1), d, None)
         if kind in ("Q5_0", "Q5_1"):  # the fifth bit of element i is bit i of a little-endian uint32
             qh = np.ascontiguousarray(b[..., size - 20:size - 16]).view("<u4")
             q |= ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int16) << 4
         if kind == "Q4_0":  # w = d*(q - 8)
-            return _blocks(4, 32, q.reshape(n, -1), d, None, kind)
+            return _blocks(4, 32, q.reshape(n, -1), d, None)
         if kind == "Q5_0":  # w = d*(q - 16)
-            return _blocks(8, 32, (q + 112).reshape(n, -1), d, None, kind)
+            return _blocks(8, 32, (q + 112).reshape(n, -1), d, None)
         m = _f16(b[..., 2:4])
         if kind == "Q4_1":  # w = d*q + m = d*(q - 8) + (m + 8d)
-            return _blocks(4, 32, q.reshape(n, -1), d, m + 8 * d, kind)
-        return _blocks(8, 32, (q + 112).reshape(n, -1), d, m + 16 * d, kind)  # Q5_1: w = d*(q - 16) + (m + 16d)
+            return _blocks(4, 32, q.reshape(n, -1), d, m + 8 * d)
+        return _blocks(8, 32, (q + 112).reshape(n, -1), d, m + 16 * d)  # Q5_1: w = d*(q - 16) + (m + 16d)
 
     b = raw.reshape(n, -1, SUPER_BLOCK_BYTES[kind])
     nb = b.shape[1]  # super-blocks of 256 per row
     if kind in ("Q4_K", "Q5_K"):
         d, dmin = _f16(b[..., 0:2])[..., None], _f16(b[..., 2:4])[..., None]
-        sc, m = Q4_K.get_scale_min(b[..., 4:16].reshape(-1, 12))
+        sc, m = _scale_min_k4(b[..., 4:16])
         scale = d * sc.reshape(n, nb, 8).astype(np.float32)  # [n, nb, 8]: one per 32 weights
         offset = dmin * m.reshape(n, nb, 8).astype(np.float32)
         qs = b[..., 16:144] if kind == "Q4_K" else b[..., 48:176]
         q = _bits(qs.reshape(n, nb, 4, 32), (0, 4), 0x0F).reshape(n, nb, 8, 32).astype(np.int16)
         if kind == "Q4_K":  # w = s*q - o = s*(q - 8) + (8s - o)
-            return _blocks(4, 32, q.reshape(n, -1), scale.reshape(n, -1), (8 * scale - offset).reshape(n, -1), kind)
+            return _blocks(4, 32, q.reshape(n, -1), scale.reshape(n, -1), (8 * scale - offset).reshape(n, -1))
         qh = _bits(b[..., 16:48], range(8), 1).astype(np.int16)  # [n, nb, 8, 32]: bit j of byte i -> sub-block j
         q |= qh << 4  # w = s*q - o = s*(q - 16) + (16s - o)
-        return _blocks(8, 32, (q + 112).reshape(n, -1), scale.reshape(n, -1), (16 * scale - offset).reshape(n, -1),
-                       kind)
+        return _blocks(8, 32, (q + 112).reshape(n, -1), scale.reshape(n, -1), (16 * scale - offset).reshape(n, -1))
     if kind == "Q6_K":  # ql[128] qh[64] scales int8[16] d
         ql = _bits(b[..., 0:128].reshape(n, nb, 2, 64), (0, 4), 0x0F).reshape(n, nb, 2, 2, 2, 32)
         qh = _bits(b[..., 128:192].reshape(n, nb, 2, 32), (0, 2, 4, 6), 3).reshape(n, nb, 2, 2, 2, 32)
         q = (ql.astype(np.int16) | (qh.astype(np.int16) << 4)).reshape(n, nb, 256)
         scale = _f16(b[..., 208:210])[..., None] * b[..., 192:208].view(np.int8).astype(np.float32)
-        return _blocks(8, 16, (q + 96).reshape(n, -1), scale.reshape(n, -1), None, kind)  # q-32 -> zero point 128
+        return _blocks(8, 16, (q + 96).reshape(n, -1), scale.reshape(n, -1), None)  # q-32 -> zero point 128
     if kind == "Q3_K":  # hmask[32] qs[64] scales[12] d
         lo = _bits(b[..., 96:104], (0, 4), 0x0F).reshape(n, nb, 16)
         hi = _bits(b[..., 104:108], (0, 2, 4, 6), 3).reshape(n, nb, 16)
@@ -113,14 +137,14 @@ def gguf_blocks(kind: str, raw: np.ndarray) -> QuantBlocks:
         ql = _bits(b[..., 32:96].reshape(n, nb, 2, 32), (0, 2, 4, 6), 3).reshape(n, nb, 256).astype(np.int16)
         qh = _bits(b[..., 0:32], range(8), 1).reshape(n, nb, 256).astype(np.int16)
         q = ql - 4 * (1 - qh)  # -4..3: the high bit set means no offset
-        return _blocks(4, 16, (q + 8).reshape(n, -1), scale.reshape(n, -1), None, kind)
+        return _blocks(4, 16, (q + 8).reshape(n, -1), scale.reshape(n, -1), None)
     if kind == "Q2_K":  # scales[16] qs[64] d dmin
         sc = b[..., 0:16]
         d, dmin = _f16(b[..., 80:82])[..., None], _f16(b[..., 82:84])[..., None]
         scale, offset = d * (sc & 0x0F).astype(np.float32), dmin * (sc >> 4).astype(np.float32)
         q = _bits(b[..., 16:80].reshape(n, nb, 2, 32), (0, 2, 4, 6), 3).reshape(n, nb, 256).astype(np.int16)
         # w = s*q - o = s*(q - 2) + (2s - o)
-        return _blocks(4, 16, (q + 6).reshape(n, -1), scale.reshape(n, -1), (2 * scale - offset).reshape(n, -1), kind)
+        return _blocks(4, 16, (q + 6).reshape(n, -1), scale.reshape(n, -1), (2 * scale - offset).reshape(n, -1))
     if kind == "IQ4_XS":  # d scales_h:u16 scales_l[4] qs[128]
         d = _f16(b[..., 0:2])[..., None]
         sh = np.ascontiguousarray(b[..., 2:4]).view("<u2")  # [n, nb, 1]
@@ -128,6 +152,6 @@ def gguf_blocks(kind: str, raw: np.ndarray) -> QuantBlocks:
         hi = ((sh >> (2 * np.arange(8, dtype=np.uint16))) & 3).astype(np.uint8)
         scale = d * ((sl | (hi << 4)).astype(np.float32) - 32)
         q = _bits(b[..., 8:136].reshape(n, nb, 8, 16), (0, 4), 0x0F).reshape(n, nb, 8, 32)
-        return _blocks(8, 32, (np.array(IQ4_NL.kvalues, np.int16)[q] + 128).reshape(n, -1), scale.reshape(n, -1),
-                       None, kind)
+        return _blocks(8, 32, (IQ4_NL_VALUES[q] + 128).reshape(n, -1), scale.reshape(n, -1),
+                       None)
     raise ValueError(f"no exact import for GGUF {kind}")
