@@ -31,6 +31,7 @@ import numpy as np
 
 from .gguf_blocks import Blocks, gguf_blocks
 
+SCRATCH = ".nomoat-expanded-"  # + pid + "-" + a unique suffix
 EXPANDED = "model.expanded.data"  # the converted weights' external data file: staged at load, never in the folder
 
 # an initializer made from a weight's blocks (concatenated in row order), by the name the recipe gives it
@@ -78,10 +79,25 @@ def write_expanded(data_file: Path, spec: dict, out: Path, check: bool = True) -
                          "(sha256 mismatch): re-export the model")
 
 
+def remove_stale_scratch(parent: Path) -> None:
+    """Scratch folders left by processes that died while loading (a 1B model's is ~1 GB): their pid is in the name,
+    and a folder whose process is gone is removed (one whose pid is alive, or another user's, is left alone)."""
+    if os.name != "posix":
+        return  # os.kill(pid, 0) would terminate the process on Windows
+    for old in parent.glob(f"{SCRATCH}*-*"):
+        try:
+            os.kill(int(old.name[len(SCRATCH):].split("-")[0]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(old, ignore_errors=True)
+        except (ValueError, OSError):
+            pass
+
+
 def stage(folder: Path, spec: dict, parent: Path | None = None, check: bool = True) -> Path:
     """A scratch folder (in `parent`, else the system's temporary folder) holding the weights file and EXPANDED:
     what onnxruntime needs to load a compact folder's graph. The caller removes it once its sessions are made."""
-    scratch = Path(tempfile.mkdtemp(prefix=".nomoat-expanded-", dir=parent))
+    remove_stale_scratch(Path(parent or tempfile.gettempdir()))
+    scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH}{os.getpid()}-", dir=parent))
     try:
         data = folder / "model.onnx.data"
         try:
