@@ -424,6 +424,26 @@ def test_a_compact_folder_keeps_the_gguf_rows_and_runs_bit_for_bit_as_the_conver
     assert list(cache.glob(".*")) == [loading] and scratch() <= before
 
 
+def test_a_compact_folder_loads_with_its_cache_on_another_filesystem(compact_pair):
+    """No hard link across filesystems (nor, with fs.protected_hardlinks, to a file a service user does not own):
+    the scratch folder copies the weights file instead."""
+    import shutil
+    import tempfile
+
+    from nomoat.edge.profile import Profile
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == compact_pair[0].stat().st_dev:
+        pytest.skip("no tmpfs on another filesystem than the model folder")
+    cache = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        gen = Generator(compact_pair[0], Profile(optimized_model_cache=str(cache)))
+        assert np.array_equal(teacher_forced_logits(gen, IDS), logits_of(compact_pair[1]))
+        assert not list(cache.glob(".*"))
+    finally:
+        shutil.rmtree(cache)
+
+
 def test_a_compact_recipe_that_does_not_give_the_exporters_bytes_is_refused(compact_pair, tmp_path):
     import shutil
 
