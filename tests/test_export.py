@@ -586,3 +586,8 @@ def test_a_q4_k_m_file_made_by_llama_quantize_is_imported_exactly(smollm2_gguf, 
     quant = json.loads((out / "nomoat.json").read_text())["quantization"]
     assert "requantized_from" not in quant and "rtn-int4" not in quant["weights"], quant
     assert {"gguf:Q4_K", "gguf:Q6_K"} <= set(quant["weights"]), quant["weights"]
+    # at default settings (an int8 lm_head, not exact's fp32 one) a compact folder is the file's size, not 1.38x
+    default = export_model(gguf, tmp_path / "default", BuildOptions(max_length=256), verify=False, log=lines.append)
+    folder = sum(f.stat().st_size for f in default.iterdir())
+    assert folder <= 1.1 * gguf.stat().st_size, (folder, gguf.stat().st_size)
+    assert any(line.startswith("  compact: ") for line in lines), lines
