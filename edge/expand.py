@@ -11,7 +11,8 @@ soon as the sessions are made. With a graph cache (`optimized_model_cache`, on i
 first load converts: the cached graph holds the prepacked weights.
 
 (Handing onnxruntime the converted weights from memory instead, as in-place initializers or in-memory files, cost
-~100 MiB more peak memory on SmolLM2's first load: onnxruntime copies them, and the mapped pages count too.)
+120-240 MiB more peak memory on SmolLM2's loads: onnxruntime copies them, and the mapped pages count too. A
+symlinked weights file is refused: "External data path escapes model directory".)
 
 nomoat.json's "expanded" section is the recipe: per weight, the GGUF rows (type, offset, rows, bytes per row) in
 row order, and the initializers made from them (packed blocks, scales, transposed minimums) with their place in
