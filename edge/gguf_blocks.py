@@ -40,6 +40,7 @@ import numpy as np
 EXACT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
 SUPER_BLOCK_BYTES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210, "IQ4_XS": 136}  # per 256
 IQ4_NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int16)
+_IQ4_STORED = (IQ4_NL_VALUES + 128).astype(np.uint8)  # on the 8-bit zero point
 
 
 class Blocks(NamedTuple):
@@ -77,9 +78,10 @@ def _bits(x: np.ndarray, shifts, mask: int) -> np.ndarray:
 
 
 def _blocks(bits: int, block: int, q: np.ndarray, scales: np.ndarray, mins: np.ndarray | None) -> Blocks:
-    """q: integers [N, K] already offset to MatMulNBits' symmetric zero point (0..2^bits-1)."""
+    """q: uint8 [N, K] already offset to MatMulNBits' symmetric zero point (0..2^bits-1). The integer work stays in
+    uint8 (every offset integer fits): wider temporaries made a device's first load of a compact folder ~2x slower."""
     n, k = q.shape
-    q = q.reshape(n, k // block, block).astype(np.uint8)
+    q = q.reshape(n, k // block, block)
     packed = pack_nibbles(q) if bits == 4 else q
     return Blocks(bits, block, np.ascontiguousarray(packed), np.ascontiguousarray(scales, dtype=np.float32),
                   None if mins is None else np.ascontiguousarray(mins, dtype=np.float32))
@@ -92,23 +94,23 @@ def gguf_blocks(kind: str, raw: np.ndarray) -> Blocks:
         size = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34, "IQ4_NL": 18}[kind]
         b = raw.reshape(n, -1, size)
         d = _f16(b[..., :2])
-        if kind == "Q8_0":  # w = d*q, q int8
-            return _blocks(8, 32, (b[..., 2:].view(np.int8).astype(np.int16) + 128).reshape(n, -1), d, None)
+        if kind == "Q8_0":  # w = d*q, q int8: q + 128 is its two's complement with the top bit flipped
+            return _blocks(8, 32, (b[..., 2:] ^ np.uint8(0x80)).reshape(n, -1), d, None)
         qs = b[..., size - 16:]
-        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int16)  # low nibbles: 0..15, high: 16..31
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # low nibbles: elements 0..15, high: 16..31
         if kind == "IQ4_NL":  # w = d * kvalues[q]
-            return _blocks(8, 32, (IQ4_NL_VALUES[q] + 128).reshape(n, -1), d, None)
+            return _blocks(8, 32, _IQ4_STORED[q].reshape(n, -1), d, None)
         if kind in ("Q5_0", "Q5_1"):  # the fifth bit of element i is bit i of a little-endian uint32
             qh = np.ascontiguousarray(b[..., size - 20:size - 16]).view("<u4")
-            q |= ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int16) << 4
+            q |= ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << np.uint8(4)
         if kind == "Q4_0":  # w = d*(q - 8)
             return _blocks(4, 32, q.reshape(n, -1), d, None)
         if kind == "Q5_0":  # w = d*(q - 16)
-            return _blocks(8, 32, (q + 112).reshape(n, -1), d, None)
+            return _blocks(8, 32, (q + np.uint8(112)).reshape(n, -1), d, None)
         m = _f16(b[..., 2:4])
         if kind == "Q4_1":  # w = d*q + m = d*(q - 8) + (m + 8d)
             return _blocks(4, 32, q.reshape(n, -1), d, m + 8 * d)
-        return _blocks(8, 32, (q + 112).reshape(n, -1), d, m + 16 * d)  # Q5_1: w = d*(q - 16) + (m + 16d)
+        return _blocks(8, 32, (q + np.uint8(112)).reshape(n, -1), d, m + 16 * d)  # Q5_1: w = d*(q - 16) + (m + 16d)
 
     b = raw.reshape(n, -1, SUPER_BLOCK_BYTES[kind])
     nb = b.shape[1]  # super-blocks of 256 per row
@@ -118,33 +120,33 @@ def gguf_blocks(kind: str, raw: np.ndarray) -> Blocks:
         scale = d * sc.reshape(n, nb, 8).astype(np.float32)  # [n, nb, 8]: one per 32 weights
         offset = dmin * m.reshape(n, nb, 8).astype(np.float32)
         qs = b[..., 16:144] if kind == "Q4_K" else b[..., 48:176]
-        q = _bits(qs.reshape(n, nb, 4, 32), (0, 4), 0x0F).reshape(n, nb, 8, 32).astype(np.int16)
+        q = _bits(qs.reshape(n, nb, 4, 32), (0, 4), 0x0F).reshape(n, nb, 8, 32)
         if kind == "Q4_K":  # w = s*q - o = s*(q - 8) + (8s - o)
             return _blocks(4, 32, q.reshape(n, -1), scale.reshape(n, -1), (8 * scale - offset).reshape(n, -1))
-        qh = _bits(b[..., 16:48], range(8), 1).astype(np.int16)  # [n, nb, 8, 32]: bit j of byte i -> sub-block j
-        q |= qh << 4  # w = s*q - o = s*(q - 16) + (16s - o)
-        return _blocks(8, 32, (q + 112).reshape(n, -1), scale.reshape(n, -1), (16 * scale - offset).reshape(n, -1))
+        qh = _bits(b[..., 16:48], range(8), 1)  # [n, nb, 8, 32]: bit j of byte i -> sub-block j
+        q |= qh << np.uint8(4)  # w = s*q - o = s*(q - 16) + (16s - o)
+        return _blocks(8, 32, (q + np.uint8(112)).reshape(n, -1), scale.reshape(n, -1), (16 * scale - offset).reshape(n, -1))
     if kind == "Q6_K":  # ql[128] qh[64] scales int8[16] d
         ql = _bits(b[..., 0:128].reshape(n, nb, 2, 64), (0, 4), 0x0F).reshape(n, nb, 2, 2, 2, 32)
         qh = _bits(b[..., 128:192].reshape(n, nb, 2, 32), (0, 2, 4, 6), 3).reshape(n, nb, 2, 2, 2, 32)
-        q = (ql.astype(np.int16) | (qh.astype(np.int16) << 4)).reshape(n, nb, 256)
+        q = (ql | (qh << np.uint8(4))).reshape(n, nb, 256)
         scale = _f16(b[..., 208:210])[..., None] * b[..., 192:208].view(np.int8).astype(np.float32)
-        return _blocks(8, 16, (q + 96).reshape(n, -1), scale.reshape(n, -1), None)  # q-32 -> zero point 128
+        return _blocks(8, 16, (q + np.uint8(96)).reshape(n, -1), scale.reshape(n, -1), None)  # q-32 -> zero point 128
     if kind == "Q3_K":  # hmask[32] qs[64] scales[12] d
         lo = _bits(b[..., 96:104], (0, 4), 0x0F).reshape(n, nb, 16)
         hi = _bits(b[..., 104:108], (0, 2, 4, 6), 3).reshape(n, nb, 16)
         scale = _f16(b[..., 108:110])[..., None] * ((lo | (hi << 4)).astype(np.float32) - 32)
-        ql = _bits(b[..., 32:96].reshape(n, nb, 2, 32), (0, 2, 4, 6), 3).reshape(n, nb, 256).astype(np.int16)
-        qh = _bits(b[..., 0:32], range(8), 1).reshape(n, nb, 256).astype(np.int16)
-        q = ql - 4 * (1 - qh)  # -4..3: the high bit set means no offset
-        return _blocks(4, 16, (q + 8).reshape(n, -1), scale.reshape(n, -1), None)
+        ql = _bits(b[..., 32:96].reshape(n, nb, 2, 32), (0, 2, 4, 6), 3).reshape(n, nb, 256)
+        qh = _bits(b[..., 0:32], range(8), 1).reshape(n, nb, 256)
+        q = ql + (qh << np.uint8(2)) + np.uint8(4)  # (ql - 4 + 4 qh: -4..3, the high bit set means no offset) + 8
+        return _blocks(4, 16, q.reshape(n, -1), scale.reshape(n, -1), None)
     if kind == "Q2_K":  # scales[16] qs[64] d dmin
         sc = b[..., 0:16]
         d, dmin = _f16(b[..., 80:82])[..., None], _f16(b[..., 82:84])[..., None]
         scale, offset = d * (sc & 0x0F).astype(np.float32), dmin * (sc >> 4).astype(np.float32)
-        q = _bits(b[..., 16:80].reshape(n, nb, 2, 32), (0, 2, 4, 6), 3).reshape(n, nb, 256).astype(np.int16)
+        q = _bits(b[..., 16:80].reshape(n, nb, 2, 32), (0, 2, 4, 6), 3).reshape(n, nb, 256)
         # w = s*q - o = s*(q - 2) + (2s - o)
-        return _blocks(4, 16, (q + 6).reshape(n, -1), scale.reshape(n, -1), (2 * scale - offset).reshape(n, -1))
+        return _blocks(4, 16, (q + np.uint8(6)).reshape(n, -1), scale.reshape(n, -1), (2 * scale - offset).reshape(n, -1))
     if kind == "IQ4_XS":  # d scales_h:u16 scales_l[4] qs[128]
         d = _f16(b[..., 0:2])[..., None]
         sh = np.ascontiguousarray(b[..., 2:4]).view("<u2")  # [n, nb, 1]
@@ -152,6 +154,5 @@ def gguf_blocks(kind: str, raw: np.ndarray) -> Blocks:
         hi = ((sh >> (2 * np.arange(8, dtype=np.uint16))) & 3).astype(np.uint8)
         scale = d * ((sl | (hi << 4)).astype(np.float32) - 32)
         q = _bits(b[..., 8:136].reshape(n, nb, 8, 16), (0, 4), 0x0F).reshape(n, nb, 8, 32)
-        return _blocks(8, 32, (IQ4_NL_VALUES[q] + 128).reshape(n, -1), scale.reshape(n, -1),
-                       None)
+        return _blocks(8, 32, _IQ4_STORED[q].reshape(n, -1), scale.reshape(n, -1), None)
     raise ValueError(f"no exact import for GGUF {kind}")
