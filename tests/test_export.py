@@ -422,6 +422,10 @@ def test_a_compact_folder_keeps_the_gguf_rows_and_runs_bit_for_bit_as_the_conver
         gen = Generator(compact, Profile(optimized_model_cache=str(cache)))
         assert np.array_equal(teacher_forced_logits(gen, IDS), theirs)
     assert list(cache.glob(".*")) == [loading] and scratch() <= before
+    # a second session for prompts (its graph from memory, at another accuracy level) converts from the same scratch
+    two = [Generator(d, Profile(prefill_accuracy_level=1, prefill_min_tokens=4)) for d in (compact, full)]
+    assert two[0].model.prefill_session is not None
+    assert np.array_equal(*(g.prefill(IDS) for g in two))
 
 
 def test_a_compact_folder_loads_with_its_cache_on_another_filesystem(compact_pair):
