@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from .expand import rows_bytes
 from .manifest import read_manifest
 from .profile import Profile, bundled_profiles, load_profile
 
@@ -120,8 +121,7 @@ def model_memory_mb(model: str | Path, context_length: int) -> float:
     m = read_manifest(model, verify_files=False)
     weights = sum(p.stat().st_size for p in m.folder.glob("model.onnx*")) / 2**20
     if m.expanded:  # a compact folder: its GGUF rows are converted at load, and onnxruntime reads the larger blocks
-        rows = sum(n * row_bytes for w in m.expanded["weights"] for _, _, n, row_bytes in w["parts"])
-        weights += (m.expanded["bytes"] - rows) / 2**20
+        weights += (m.expanded["bytes"] - rows_bytes(m.expanded)) / 2**20
     return round(weights * (1 + LOAD_SHARE) + kv_cache_mb(model, context_length) + RUNTIME_MB, 1)
 
 

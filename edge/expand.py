@@ -43,6 +43,11 @@ FIELDS = {
 }
 
 
+def rows_bytes(spec: dict) -> int:
+    """The bytes of GGUF rows that the recipe converts (what the folder holds instead of spec["bytes"])."""
+    return sum(rows * row_bytes for w in spec["weights"] for _, _, rows, row_bytes in w["parts"])
+
+
 def convert(parts: list[tuple[str, np.ndarray]], outputs: dict[str, dict]) -> dict[str, np.ndarray]:
     """GGUF rows [(type, uint8 [rows, bytes per row]), ...] -> {field: array} as the recipe's outputs store it."""
     blocks: list[Blocks] = [gguf_blocks(kind, raw) for kind, raw in parts]

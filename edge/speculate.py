@@ -143,9 +143,6 @@ class DraftLength:
         self.hits = self.hits * self.FORGET + accepted
         self.trials = self.trials * self.FORGET + accepted + (accepted < drafted)
 
-    def timed(self, rows: int, seconds: float) -> None:
-        self.cost.timed(rows, seconds)
-
     def drafting(self, tokens: int, seconds: float) -> None:
         """Making a draft of `tokens` took `seconds` (a draft model's steps): refine gamma."""
         if tokens:

@@ -81,8 +81,9 @@ def export_model(source: str | Path, out: str | Path, opts: BuildOptions, loras:
         log(f"exported {Path(source).name} -> {out} in {time.time() - t0:.1f}s ({_size_mb(tmp):.1f} MB)")
         log(f"  weights: {describe_weights(kinds, getattr(ckpt, 'requantized', {}))}")
         if expanded:
-            rows = sum(n * row_bytes for w in expanded["weights"] for _, _, n, row_bytes in w["parts"])
-            log(f"  compact: {rows / 2**20:.1f} MiB of GGUF rows kept as they are, converted at load to "
+            from nomoat.edge.expand import rows_bytes
+
+            log(f"  compact: {rows_bytes(expanded) / 2**20:.1f} MiB of GGUF rows kept as they are, converted at load to "
                 f"{expanded['bytes'] / 2**20:.1f} MiB (once per device with a graph cache; --no-compact stores them "
                 "converted)")
         if verify is None:

@@ -69,6 +69,6 @@ def test_the_length_counts_what_a_drafted_token_costs():
     for length in (cheap, dear):
         for _ in range(10):
             length.update(4, 3)
-        length.timed(1, 0.010)
+        length.cost.timed(1, 0.010)
     dear.drafting(4, 0.040)  # each drafted token costs a whole step of the model
     assert dear.gamma == 1.0 and dear.now < cheap.now
