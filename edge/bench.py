@@ -120,7 +120,7 @@ def bench_model(folder, profile: Profile, runs: int = 5, long_context: int = 100
         "providers": providers,
         "accuracy_level": profile.accuracy_level,
         "prefill_accuracy_level": profile.prefill_accuracy_level,  # a second session for prompts, if set
-        "kv_dtype": gen.manifest.kv_dtype,
+        "kv_dtype": gen.model.kv_dtype,
         "context_length": gen.model.max_length,
         "verification": gen.manifest.data.get("verification"),  # the export's agreement with its reference
     }

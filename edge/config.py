@@ -12,6 +12,7 @@ The config file is the first of: `--config FILE` (or NOMOAT_CONFIG), `$XDG_CONFI
     trusted_keys = ["<the operator's public key>"]
     # adapter_store = "/var/lib/nomoat/adapters"   (default: $STATE_DIRECTORY or ~/.local/share/nomoat)
     # draft_model = "/opt/nomoat/models/small"      (speculative decoding with a smaller model, same tokenizer)
+    # kv_cache = "int8"                              (a quarter of the float32 cache's memory, ~1 point of agreement)
     [mqtt]
     broker = "mqtts://broker.lan:8883"   # TLS only for mqtts:// or a ca_file
     fleet = "home"
@@ -28,10 +29,12 @@ import tomllib
 from dataclasses import fields
 from pathlib import Path
 
-from .profile import MqttSettings, Profile, ProfileError, load_profile
+from .profile import KV_CACHES, MqttSettings, Profile, ProfileError, load_profile
 
 # what a user's file may set besides [mqtt]; the board's settings come from its profile
-USER_KEYS = {"profile", "adapter_store", "adapter_store_mb", "trusted_keys", "optimized_model_cache", "draft_model"}
+# (and two trade-offs that are the user's to make: a draft model's memory, and the KV cache's type)
+USER_KEYS = {"profile", "adapter_store", "adapter_store_mb", "trusted_keys", "optimized_model_cache", "draft_model",
+             "kv_cache"}
 
 
 def config_path(explicit: str | None = None) -> Path | None:
@@ -89,6 +92,8 @@ def settings(profile: str | None = None, config: str | None = None, broker: str 
             if not isinstance(user[key], type(default)) or isinstance(user[key], bool):
                 raise ProfileError(f"{where}: {key} must be {type(default).__name__}")
             setattr(prof, key, user[key])
+    if prof.kv_cache not in KV_CACHES:
+        raise ProfileError(f"{where}: kv_cache must be one of {', '.join(map(repr, KV_CACHES))}")
     mqtt = dict(user.get("mqtt", {}))
     if "password_file" in mqtt:  # a secret kept out of a world-readable file
         try:

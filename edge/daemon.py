@@ -274,7 +274,7 @@ class Daemon:
         return json.dumps({
             "state": state, "device": self.topics.device, "fleet": self.topics.fleet,
             "model": m.name, "model_hash": m.model_hash, "version": __version__,
-            "context_length": self.gen.model.max_length, "kv_cache": m.kv_dtype,
+            "context_length": self.gen.model.max_length, "kv_cache": self.gen.model.kv_dtype,
             "draft_model": self.gen.drafter.name if self.gen.drafter else None,
             "protocol": proto.PROTOCOL_VERSION, "adapters": sorted(self.gen.adapters.adapters),
             "default_adapters": [{"name": n, "scale": s} for n, s in self.default_adapters],

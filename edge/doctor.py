@@ -108,21 +108,22 @@ LOAD_SHARE = 0.25
 OS_RESERVE_MB = 100  # Raspberry Pi OS Lite after boot
 
 
-def kv_cache_mb(model: str | Path, context_length: int) -> float:
+def kv_cache_mb(model: str | Path, context_length: int, kv_cache: str = "") -> float:
+    """The KV cache's MiB at this context, in the type a profile's kv_cache gives this folder."""
     m = read_manifest(model, verify_files=False)
     _, kv_heads, max_length, head_dim = m.kv_shape
-    width = np.dtype(m.kv_dtype).itemsize
+    width = np.dtype(m.kv_graph(kv_cache)[0]).itemsize
     return 2 * m.num_layers * kv_heads * min(context_length, max_length) * head_dim * width / 2**20
 
 
-def model_memory_mb(model: str | Path, context_length: int) -> float:
+def model_memory_mb(model: str | Path, context_length: int, kv_cache: str = "") -> float:
     """The peak a `nomoat serve` process reaches with this model at this context: the weights, the KV cache the
     runtime preallocates, the runtime itself, and the load's transient copies (RUNTIME_MB, LOAD_SHARE)."""
     m = read_manifest(model, verify_files=False)
     weights = sum(p.stat().st_size for p in m.folder.glob("model.onnx*")) / 2**20
     if m.expanded:  # a compact folder: its GGUF rows are converted at load, and onnxruntime reads the larger blocks
         weights += (m.expanded["bytes"] - rows_bytes(m.expanded)) / 2**20
-    return round(weights * (1 + LOAD_SHARE) + kv_cache_mb(model, context_length) + RUNTIME_MB, 1)
+    return round(weights * (1 + LOAD_SHARE) + kv_cache_mb(model, context_length, kv_cache) + RUNTIME_MB, 1)
 
 
 def fitting_context(profile: Profile, device: Device) -> int:
@@ -160,7 +161,7 @@ def check(profile: Profile, device: Device, model: str | Path | None = None) -> 
         found.append((False, f"threads = {profile.threads} > {device.cores} cores"))
     if model is not None:
         context = fitting_context(profile, device)
-        need = model_memory_mb(model, context)
+        need = model_memory_mb(model, context, profile.kv_cache)
         # what the board can hold (its memory less the OS's share), not what happens to be free now
         budget = min(filter(None, (profile.memory_cap_mb, device.memory_mb - OS_RESERVE_MB)), default=0)
         if budget and need > budget:
@@ -203,7 +204,7 @@ def report(device: Device, profile: Profile | None = None, model: str | Path | N
     r = {"device": asdict(device), "fitting_profiles": fits, "profile": chosen.name,
          "problems": [{"fatal": fatal, "message": msg} for fatal, msg in problems],
          "context_length": fitting_context(chosen, device),
-         "model_memory_mb": model_memory_mb(model, fitting_context(chosen, device)) if model else None}
+         "model_memory_mb": model_memory_mb(model, fitting_context(chosen, device), chosen.kv_cache) if model else None}
     if model and fidelity and not any(fatal for fatal, _ in problems):  # a profile that cannot run here: no run
         r["fidelity"] = measure_fidelity(model, chosen, device)
     return r

@@ -68,6 +68,18 @@ class Manifest:
         return self.data["kv_cache"].get("dtype", "float32")
 
     @property
+    def kv_variants(self) -> dict[str, dict]:
+        """The same graph with another KV cache type, by dtype: {"int8": {"file": ...}} (a profile's kv_cache
+        picks one); {} for folders exported without them."""
+        return self.data["kv_cache"].get("variants", {})
+
+    def kv_graph(self, wanted: str = "") -> tuple[str, str]:
+        """(KV cache type, graph file) for a profile's kv_cache: the wanted type where this folder has its graph,
+        else the export's own ("" wants the export's)."""
+        variant = self.kv_variants.get(wanted) if wanted and wanted != self.kv_dtype else None
+        return (wanted, variant["file"]) if variant else (self.kv_dtype, self.data["graph"]["file"])
+
+    @property
     def embedding(self) -> dict | None:
         """Where the token embedding's rows are (format 2); None: the graph takes token ids."""
         return self.data.get("embedding")

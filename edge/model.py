@@ -80,7 +80,7 @@ class Model:
         self._verify = verify_files
         self._scratch: Path | None = None  # a compact folder's converted weights, staged while sessions are made
         self.max_length = min(self.manifest.max_length, self.profile.context_length)
-        self._graph_file = self.folder / self.manifest.data["graph"]["file"]
+        self.kv_dtype, self._graph_file = self._kv_graph()
         quant = self.manifest.data["quantization"]
         self.exact = quant.get("fidelity") == "exact"
         self._exported_level = quant["accuracy_level"]
@@ -104,12 +104,24 @@ class Model:
         self.released_bytes = release_load_pages(folders)
         self.load_seconds = time.perf_counter() - t0
 
+    def _kv_graph(self) -> tuple[str, Path]:
+        """The KV cache type this load uses (the profile's kv_cache where the folder has that graph, else the
+        export's) and its graph file."""
+        wanted = self.profile.kv_cache
+        dtype, file = self.manifest.kv_graph(wanted)
+        if wanted and dtype != wanted:
+            log.warning("%s has no graph with a %s KV cache (exported before nomoat wrote one, or with --kv-dtype "
+                        "float16): keeping its %s cache; re-export it for kv_cache = %r", self.manifest.name, wanted,
+                        dtype, wanted)
+        return dtype, self.folder / file
+
     def _graph(self, level: int, bits: int | None = None) -> tuple[str, bytes | None]:
-        """(cache label, serialized graph) for this accuracy level; None: model.onnx as it is."""
+        """(cache label, serialized graph) for this accuracy level; None: the graph file as it is."""
+        kv = "" if self.kv_dtype == self.manifest.kv_dtype else f"-kv-{self.kv_dtype}"
         if level == self._exported_level:
-            return f"acc{level}", None
+            return f"acc{level}{kv}", None
         graph, changed = graph_with_level(self._graph_file.read_bytes(), self._exported_level, level, bits)
-        return (f"acc{level}" if bits is None else f"acc{level}-{bits}bit"), graph if changed else None
+        return (f"acc{level}" if bits is None else f"acc{level}-{bits}bit") + kv, graph if changed else None
 
     def _prefill_session(self) -> ort.InferenceSession | None:
         """A second session for long prompts with the 4-bit layers at `prefill_accuracy_level`.
@@ -217,7 +229,7 @@ class Model:
     def _init_kv(self) -> None:
         shape = list(self.manifest.kv_shape)
         shape[2] = self.max_length
-        dtype = np.dtype(self.manifest.kv_dtype)  # KV_DTYPES are numpy's names
+        dtype = np.dtype(self.kv_dtype)  # KV_DTYPES are numpy's names
         self.kv_names = []
         self.kv = []
         if not self.manifest.shared_kv:

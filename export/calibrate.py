@@ -73,12 +73,23 @@ def calibrate_kv_scales(folder: Path, texts: list[str] | None = None) -> tuple[n
     return np.maximum(k_max, tiny) / 127, np.maximum(v_max * HEADROOM_V, tiny) / 127, seen
 
 
-def quantize_kv_cache_of(folder: Path, texts: list[str] | None = None) -> dict:
-    """Calibrate the float32-KV export in `folder` and rewrite its graph with an int8 cache."""
+INT8_GRAPH, FLOAT32_GRAPH = "model.kv-int8.onnx", "model.kv-float32.onnx"
+
+
+def kv_cache_graphs(folder: Path, main: str, texts: list[str] | None = None) -> tuple[dict | None, dict]:
+    """Calibrate the float32-KV export in `folder` and write its int8-KV graph too, so that a device's profile can
+    pick either cache (kv_cache) without another export; `main` ("float32" or "int8") is the one that stays
+    model.onnx. Returns the main graph's KV quantization (None for float32) and the other graph's manifest entry.
+    The graphs share the weights file: the second costs ~0.2 MB."""
     import onnx
 
     k_scales, v_scales, seen = calibrate_kv_scales(folder, texts)
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     quantize_kv_cache(model, k_scales, v_scales)
-    onnx.save_model(model, str(folder / "model.onnx"))
-    return {"scales": "static, per layer, kv head and channel", "calibration_tokens": seen}
+    quantization = {"scales": "static, per layer, kv head and channel", "calibration_tokens": seen}
+    if main == "int8":
+        (folder / "model.onnx").rename(folder / FLOAT32_GRAPH)
+        onnx.save_model(model, str(folder / "model.onnx"))
+        return quantization, {"float32": {"file": FLOAT32_GRAPH}}
+    onnx.save_model(model, str(folder / INT8_GRAPH))
+    return None, {"int8": {"file": INT8_GRAPH, "quantization": quantization}}

@@ -69,15 +69,16 @@ def export_model(source: str | Path, out: str | Path, opts: BuildOptions, loras:
             expanded = builder.g.expanded_spec()
             if expanded:
                 check_expansion(tmp, expanded)
-        kv_quantization = None
-        if opts.kv_dtype == "int8":  # built with a float32 cache, run once to calibrate, then rewritten
-            from .calibrate import quantize_kv_cache_of
+        kv_quantization, kv_variants = None, {}
+        if via == "builder" and opts.kv_dtype in ("float32", "int8"):
+            # built with a float32 cache, run once to calibrate, then the int8 graph beside it: a profile picks
+            from .calibrate import kv_cache_graphs
 
             write_manifest(tmp, ckpt, replace(opts, kv_dtype="float32"), kinds, lora_inputs, adapters, out.name, via,
                            embedding=embedding, expanded=expanded)
-            kv_quantization = quantize_kv_cache_of(tmp)
+            kv_quantization, kv_variants = kv_cache_graphs(tmp, opts.kv_dtype)
         write_manifest(tmp, ckpt, opts, kinds, lora_inputs, adapters, out.name, via, kv_quantization, embedding,
-                       expanded)
+                       expanded, kv_variants)
         log(f"exported {Path(source).name} -> {out} in {time.time() - t0:.1f}s ({_size_mb(tmp):.1f} MB)")
         log(f"  weights: {describe_weights(kinds, getattr(ckpt, 'requantized', {}))}")
         if expanded:
@@ -158,7 +159,8 @@ def _save_tokenizer_child(source: str, folder: str) -> None:
 
 def write_manifest(folder: Path, ckpt, opts: BuildOptions, weight_kinds: dict[str, str], lora_inputs: list[dict],
                    adapters, name: str, via: str = "builder", kv_quantization: dict | None = None,
-                   embedding: dict | None = None, expanded: dict | None = None) -> None:
+                   embedding: dict | None = None, expanded: dict | None = None,
+                   kv_variants: dict | None = None) -> None:
     optimum = via == "optimum"
     c = ckpt.config
     tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
@@ -196,6 +198,8 @@ def write_manifest(folder: Path, ckpt, opts: BuildOptions, weight_kinds: dict[st
             "present": "present.{layer}.{key|value}",
             "shared_buffer": not optimum,  # optimum's graphs return past + new (a concatenation)
             **({"quantization": kv_quantization} if kv_quantization else {}),
+            # the same graph with another cache type (edge/profile.py: kv_cache), sharing the weights file
+            **({"variants": kv_variants} if kv_variants else {}),
         },
         "lora": {
             "rank": opts.lora_rank,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -123,6 +124,64 @@ def test_int8_kv_cache_quarters_it_stores_the_calibrated_values_and_stays_close(
     _, heads, length, dim = b.manifest.kv_shape
     saved = 2 * b.manifest.num_layers * heads * length * dim * 3 / 2**20
     assert abs(model_memory_mb(full, length) - model_memory_mb(small, length) - saved) < 0.1
+
+
+def test_a_profiles_kv_cache_picks_the_exports_other_graph_bit_for_bit(exported, tmp_path, caplog):
+    """Every float32 or int8 export carries the other cache's graph: kv_cache in a profile (or the user's config)
+    switches without another export, and runs exactly what an export with that --kv-dtype runs."""
+    from nomoat.edge.profile import Profile
+
+    full, small = exported("fp32-base", precision="fp32"), exported("fp32-kv8", precision="fp32", kv_dtype="int8")
+    for folder, other, graph in ((full, "int8", "model.kv-int8.onnx"), (small, "float32", "model.kv-float32.onnx")):
+        kv = json.loads((folder / "nomoat.json").read_text())["kv_cache"]
+        assert kv["variants"][other]["file"] == graph and graph in json.loads((folder / "nomoat.json").read_text())[
+            "files"]
+    cache = str(tmp_path / "graphs")
+    for profile in (Profile(kv_cache="int8"), Profile(kv_cache="int8", optimized_model_cache=cache)):
+        switched = Generator(full, profile)
+        assert switched.model.kv_dtype == "int8" and {b.data_type() for b in switched.model.kv} == {"tensor(int8)"}
+        np.testing.assert_array_equal(teacher_forced_logits(switched, IDS), logits_of(small))
+    # the graph cache keeps the two apart: float32 again, from the same cache folder
+    back = Generator(full, Profile(kv_cache="float32", optimized_model_cache=cache))
+    np.testing.assert_array_equal(teacher_forced_logits(back, IDS), logits_of(full))
+    np.testing.assert_array_equal(teacher_forced_logits(Generator(small, Profile(kv_cache="float32")), IDS),
+                                  logits_of(full))
+    # the adapters' model identity is the weights': the same whichever cache runs
+    assert Generator(full, Profile(kv_cache="int8")).manifest.model_hash == Generator(full).manifest.model_hash
+    # `nomoat doctor` counts the cache the profile gives
+    length = Generator(full).manifest.max_length
+    assert model_memory_mb(full, length, "int8") == model_memory_mb(small, length)
+    assert model_memory_mb(small, length, "float32") == model_memory_mb(full, length)
+
+    # a folder exported before the variants: its own cache, and a warning that says how to get the other
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in full.iterdir():
+        if f.name not in ("model.kv-int8.onnx", "nomoat.json"):
+            shutil.copy2(f, old / f.name)
+    manifest = json.loads((full / "nomoat.json").read_text())
+    del manifest["kv_cache"]["variants"]
+    del manifest["files"]["model.kv-int8.onnx"]
+    write_json(old / "nomoat.json", manifest)
+    with caplog.at_level("WARNING", logger="nomoat.model"):
+        kept = Generator(old, Profile(kv_cache="int8"))
+    assert kept.model.kv_dtype == "float32" and "re-export it for kv_cache = 'int8'" in caplog.text
+    np.testing.assert_array_equal(teacher_forced_logits(kept, IDS), logits_of(full))
+
+
+def test_kv_cache_settings_are_checked(tmp_path):
+    from nomoat.edge.config import settings
+    from nomoat.edge.profile import ProfileError, profile_from_dict
+
+    assert profile_from_dict({"kv_cache": "int8"}).kv_cache == "int8"
+    with pytest.raises(ProfileError, match="kv_cache must be one of"):
+        profile_from_dict({"kv_cache": "int4"})
+    config = tmp_path / "nomoat.toml"
+    config.write_text('kv_cache = "int8"\n')
+    assert settings(config=str(config)).kv_cache == "int8"
+    config.write_text('kv_cache = "fp8"\n')
+    with pytest.raises(ProfileError, match="kv_cache must be one of"):
+        settings(config=str(config))
 
 
 def test_exact_fidelity_keeps_its_levels_under_any_profile(exported):
