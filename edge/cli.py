@@ -343,7 +343,9 @@ def chat(model, max_tokens, temperature, system, profile, draft_tokens, draft):
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--draft", type=click.Path(), default=None,
               help="A smaller exported model with the same tokenizer that drafts the tokens (default: prompt lookup).")
-def bench(model, runs, threads, profile, long_context, as_json, draft):
+@click.option("--kv-cache", type=click.Choice(["float32", "int8"]), default=None,
+              help="Override the profile's KV cache type (the export carries both graphs).")
+def bench(model, runs, threads, profile, long_context, as_json, draft, kv_cache):
     """Load time, prefill, decode and long-context decode speed, peak RSS."""
     from .bench import bench_model, format_table
     from .profile import load_profile
@@ -354,6 +356,8 @@ def bench(model, runs, threads, profile, long_context, as_json, draft):
             prof.threads = threads
         if draft:
             prof.draft_model = draft
+        if kv_cache:
+            prof.kv_cache = kv_cache
         report = bench_model(model, prof, runs=runs, long_context=long_context)
     except _errors() as e:
         _fail(e)

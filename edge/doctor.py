@@ -185,6 +185,7 @@ def fitting_profiles(device: Device) -> list[str]:
 def measure_fidelity(model: str | Path, profile: Profile, device: Device) -> dict | None:
     """The model's top-1 agreement with its export's fp32 reference, run here with `profile` (edge/fidelity.py),
     next to the figure the export measured on its own machine; None when the export kept no reference."""
+    from .bench import verification_of
     from .fidelity import measure
     from .generate import Generator
 
@@ -192,8 +193,9 @@ def measure_fidelity(model: str | Path, profile: Profile, device: Device) -> dic
     here = measure(gen)
     if here is None:
         return None
-    at_export = gen.manifest.data["verification"]
-    return {**here, "at_export": {k: at_export.get(k) for k in ("top1_agreement", "measured_on", "accuracy_level")}}
+    at_export = verification_of(gen) or {}  # the figure for the KV cache graph this profile runs
+    return {**here, "kv_cache": gen.model.kv_dtype,
+            "at_export": {k: at_export.get(k) for k in ("top1_agreement", "measured_on", "accuracy_level")}}
 
 
 def report(device: Device, profile: Profile | None = None, model: str | Path | None = None,
@@ -214,7 +216,8 @@ def format_fidelity(f: dict | None) -> str:
     if f is None:
         return "not measured: the export kept no reference (export with --verify, which needs torch)"
     line = (f"{f['top1_agreement']:.1%} top-1 agreement with the fp32 reference, measured here "
-            f"({f['tokens']} teacher-forced tokens, accuracy level {f['accuracy_level']})")
+            f"({f['tokens']} teacher-forced tokens, accuracy level {f['accuracy_level']}, "
+            f"{f.get('kv_cache', 'float32')} KV cache)")
     e = f["at_export"]
     if e.get("top1_agreement") is not None:
         line += f"; {e['top1_agreement']:.1%} at export ({e.get('measured_on') or '?'}, level {e.get('accuracy_level', '?')})"

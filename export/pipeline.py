@@ -100,6 +100,7 @@ def export_model(source: str | Path, out: str | Path, opts: BuildOptions, loras:
                                         "mean_kl": round(report.mean_kl, 5), "max_abs_diff": float(report.max_abs_diff),
                                         "greedy_match": report.greedy_match, "tokens": report.tokens,
                                         "measured_on": report.measured_on, "accuracy_level": report.accuracy_level,
+                                        **({"kv_variants": report.kv_variants} if report.kv_variants else {}),
                                         "reference": report.reference}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return out

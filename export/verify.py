@@ -41,6 +41,8 @@ class Report:
     reference: list[dict]
     measured_on: str
     accuracy_level: int
+    # the same passages through the export's other KV cache graph, by dtype: {top1_agreement, mean_kl}
+    kv_variants: dict
 
     @property
     def greedy_match(self) -> bool:
@@ -99,6 +101,7 @@ def greedy_reference(model, ids: list[int], n: int) -> list[int]:
 def verify_folder(folder: Path, reference, greedy_tokens: int = 12) -> Report:
     from nomoat.edge.doctor import inspect_device
     from nomoat.edge.generate import Generator
+    from nomoat.edge.profile import Profile
 
     gen = Generator(folder, verify_files=False)
     refs, outs, passages = [], [], []
@@ -114,9 +117,14 @@ def verify_folder(folder: Path, reference, greedy_tokens: int = 12) -> Report:
     ref_ids = ref_ids[: next((i for i, t in enumerate(ref_ids) if t in eos), len(ref_ids))]
     ours = gen.generate(prompt, max_tokens=greedy_tokens).tokens
     reference = [{"ids": list(map(int, i)), "top1": r.argmax(-1).tolist()} for i, r in zip(passages, refs, strict=True)]
+    variants = {}
+    for dtype in gen.manifest.kv_variants:  # what a profile's kv_cache would run instead
+        other = Generator(folder, Profile(kv_cache=dtype), verify_files=False)
+        a, k, _ = compare(np.concatenate(refs), np.concatenate([teacher_forced_logits(other, ids) for ids in passages]))
+        variants[dtype] = {"top1_agreement": round(a, 4), "mean_kl": round(k, 5)}
     device = inspect_device()
     return Report(agree, kl, diff, gen.tokenizer.decode(ref_ids), gen.tokenizer.decode(ours),
-                  sum(len(r) for r in refs), reference, f"{device.machine}, {device.cpu}", gen.model.level)
+                  sum(len(r) for r in refs), reference, f"{device.machine}, {device.cpu}", gen.model.level, variants)
 
 
 def verify_export(folder: Path, source, loras=(), min_agreement: float = DEFAULT_MIN_AGREEMENT,
@@ -129,6 +137,9 @@ def verify_export(folder: Path, source, loras=(), min_agreement: float = DEFAULT
         f"mean KL {report.mean_kl:.4f}, max |logit diff| {report.max_abs_diff:.2e}")
     log(f"  greedy reference: {report.greedy_reference!r}")
     log(f"  greedy export:    {report.greedy_export!r} ({'match' if report.greedy_match else 'differs'})")
+    for dtype, v in report.kv_variants.items():
+        log(f"  with kv_cache = {dtype!r} (profile or config): top-1 agreement {v['top1_agreement']:.1%}, "
+            f"mean KL {v['mean_kl']:.4f}")
     if precision == "fp32" and report.max_abs_diff > 1e-3:
         raise ExportError(f"fp32 export differs from the reference (max |logit diff| {report.max_abs_diff:.2e} > 1e-3)")
     if report.top1_agreement < min_agreement:

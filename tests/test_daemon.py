@@ -653,22 +653,25 @@ def test_the_pool_fails_over_when_a_device_is_killed_and_availability_says_so(br
 
 
 def test_serve_drafts_with_the_draft_model_in_the_users_config(broker, exported, tmp_path):
-    """`draft_model` in the user's config file: the daemon says so, answers over MQTT with the plain greedy answer,
-    and its final timings count the drafts (the model drafting for itself: its drafts are taken)."""
+    """`draft_model` and `kv_cache` in the user's config file: the daemon says so, answers over MQTT with the plain
+    greedy answer of that cache, and its final timings count the drafts (the model drafting for itself: its drafts
+    are taken)."""
     model = exported("int4-level1", accuracy_level=1)
     cfg, board = tmp_path / "nomoat.toml", tmp_path / "board.toml"
-    cfg.write_text(f'draft_model = "{model}"\n')
+    cfg.write_text(f'draft_model = "{model}"\nkv_cache = "int8"\n')
     board.write_text("accuracy_level = 1\n")  # (the x86 profile serve would pick runs level 4, rounding otherwise)
     proc = subprocess.Popen([sys.executable, "-m", "nomoat", "serve", str(model), "--config", str(cfg), "--broker",
                              broker.url, "--fleet", "f", "--device", "d7", "--profile", str(board)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     c = None
     try:
-        assert wait_status(broker, "d7", "online", timeout=60)["draft_model"] == model.name
+        status = wait_status(broker, "d7", "online", timeout=60)
+        assert status["draft_model"] == model.name and status["kv_cache"] == "int8"
         c = Client(broker)
         c.send("nomoat/f/d7/prompt", {"id": "drafted", "prompt": "The capital of France is", "max_tokens": 24})
         final = c.until_done("drafted", timeout=60)[-1][1]
-        want = Generator(model).generate("The capital of France is", max_tokens=24, draft_tokens=0)
+        want = Generator(model, Profile(kv_cache="int8")).generate("The capital of France is", max_tokens=24,
+                                                                   draft_tokens=0)
         assert final["text"] == want.text
         assert final["timings"]["accepted"] > 0
         assert final["timings"]["passes"] <= final["usage"]["completion_tokens"] / 2  # its own drafts are taken

@@ -102,7 +102,7 @@ def test_doctor_on_this_machine():
     assert result.exit_code == 1 and "ERROR: made for" in result.output
 
 
-def test_doctor_measures_the_models_fidelity_here(exported):
+def test_doctor_measures_the_models_fidelity_here(exported, tmp_path):
     """The export keeps the reference's top-1 choices; doctor runs the same tokens with the profile it checks and
     reports the agreement, next to the export's own figure. A folder without them says so."""
     verified = exported("fp32-verified", precision="fp32", verify=True)
@@ -114,6 +114,14 @@ def test_doctor_measures_the_models_fidelity_here(exported):
     assert f["at_export"]["top1_agreement"] == ref["top1_agreement"]
     text = CliRunner().invoke(main, ["doctor", "--model", str(verified), "--profile", "x86-64-dev"]).output
     assert "fidelity     100.0% top-1 agreement with the fp32 reference, measured here" in text
+    # the export measured its int8-KV graph too; a profile that runs it is held to that figure
+    int8 = ref["kv_variants"]["int8"]
+    assert 0.5 <= int8["top1_agreement"] <= 1 and int8["mean_kl"] >= 0
+    own = tmp_path / "int8-kv.toml"
+    own.write_text('kv_cache = "int8"\n')
+    out = CliRunner().invoke(main, ["doctor", "--model", str(verified), "--profile", str(own), "--json"])
+    f = json.loads(out.output)["fidelity"]
+    assert f["kv_cache"] == "int8" and f["at_export"]["top1_agreement"] == int8["top1_agreement"] == f["top1_agreement"]
     plain = exported("fp32-plain", precision="fp32")
     text = CliRunner().invoke(main, ["doctor", "--model", str(plain), "--profile", "x86-64-dev"]).output
     assert "fidelity     not measured: the export kept no reference" in text

@@ -31,7 +31,9 @@ from nomoat.edge.generate import Generator
 from nomoat.edge.profile import load_profile
 folder, profile, threads, context, long_ctx = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 p = load_profile(profile); p.threads = threads; p.context_length = context; p.draft_tokens = 0
+p.kv_cache = sys.argv[6] or p.kv_cache
 gen = Generator(folder, p)
+print("kv", gen.model.kv_dtype, flush=True)
 rng = np.random.default_rng(0)
 ids = rng.integers(100, gen.vocab, long_ctx).tolist()
 gen.generate(ids, max_tokens=32)
@@ -68,8 +70,9 @@ def reading(pid: int, weights: tuple[str, ...]) -> dict[str, float]:
 
 
 def peak_of(cmd: list[str], weights: tuple[str, ...], done_marker: str | None = None, period: float = 0.005,
-            **kw) -> dict[str, float]:
-    """The reading with the largest total RSS while `cmd` runs (until it exits, or prints done_marker)."""
+            **kw) -> tuple[dict[str, float], str]:
+    """The reading with the largest total RSS while `cmd` runs (until it exits, or prints done_marker), and what
+    it printed."""
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.PIPE, text=True,
                              **kw)
     best: dict[str, float] = {}
@@ -88,7 +91,7 @@ def peak_of(cmd: list[str], weights: tuple[str, ...], done_marker: str | None = 
     if child.poll() is None:
         child.stdin.close()
         child.wait()
-    return best
+    return best, seen
 
 
 def main() -> None:
@@ -100,17 +103,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--long", type=int, default=1000)
+    ap.add_argument("--kv-cache", choices=["float32", "int8"], default="",
+                    help="the KV cache's type (default: the profile's, else the export's)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
 
     manifest = json.loads((a.model / "nomoat.json").read_text())
     cache = Path("~/.cache/nomoat/graphs").expanduser()
     weights = (f"{a.model.resolve()}/", f"{cache}/")
-    ours = peak_of([sys.executable, "-c", NOMOAT, str(a.model), a.profile, str(a.threads), str(a.context),
-                    str(a.long)], weights, done_marker="done")
+    ours, said = peak_of([sys.executable, "-c", NOMOAT, str(a.model), a.profile, str(a.threads), str(a.context),
+                          str(a.long), a.kv_cache], weights, done_marker="done")
     kv = manifest["kv_cache"]
+    kv_dtype = said.split("kv ", 1)[1].split()[0]  # the cache the runtime chose
     _, heads, _, dim = kv["shape"]
-    size = {"float32": 4, "float16": 2, "int8": 1}[kv.get("dtype", "float32")]
+    size = {"float32": 4, "float16": 2, "int8": 1}[kv_dtype]
     kv_mib = 2 * manifest["config"]["num_layers"] * heads * (a.long + 32) * dim * size / 2 ** 20
     results = {"nomoat": ours}
     if a.llama_bin and a.gguf:
@@ -120,14 +126,14 @@ def main() -> None:
             prompt.write(long_prompt(a.long))
             prompt.flush()
             results["llama.cpp"] = peak_of(llama_completion(a.llama_bin, a.gguf, a.threads, a.context, prompt.name),
-                                           (str(a.gguf.resolve()),))
+                                           (str(a.gguf.resolve()),))[0]
     if a.json:
-        print(json.dumps({"kv_cache_mib": kv_mib, **results}, indent=1))
+        print(json.dumps({"kv_cache": kv_dtype, "kv_cache_mib": kv_mib, **results}, indent=1))
         return
     kinds = ["weights (mapped files)", "onnxruntime library", "other libraries, executable",
              "anonymous (heap, KV, activations)"]
     print(f"peak RSS MiB, context {a.context}, {a.long} prompt tokens + 32 new, {a.threads} threads "
-          f"(nomoat: profile {a.profile}, {kv.get('dtype', 'float32')} KV cache: {kv_mib:.0f} MiB of the anonymous)")
+          f"(nomoat: profile {a.profile}, {kv_dtype} KV cache: {kv_mib:.0f} MiB of the anonymous)")
     print(f"{'':38s}" + "".join(f"{e:>12s}" for e in results))
     for kind in kinds:
         print(f"{kind:38s}" + "".join(f"{r.get(kind, 0.0):12.1f}" for r in results.values()))
