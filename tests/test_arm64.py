@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ROOT, export
+from nomoat.edge.profile import load_profile
 from nomoat.export.packing import pack_adapter
 
 pytestmark = [pytest.mark.arm64, pytest.mark.slow]
@@ -115,10 +116,12 @@ def test_runtime_on_aarch64_matches_x86(arm64, models, host, cpu, dotprod, board
 
 # Each board's profile on its own (emulated) CPU: the SmolLM2 export's teacher-forced top-1 agreement with the
 # fp32 reference, measured by `nomoat doctor --model` there. The figures are the README's "Fidelity per CPU".
-# The Zero 2 W's Cortex-A53 runs the Pi 4's kernel path (no dot-product: fp32, level 1), so it is not run again.
+# The Zero 2 W's Cortex-A53 runs the Pi 4's kernel path (no dot-product: fp32, level 1), with its profile's int8 KV
+# cache: the export's other graph, loaded there.
 BOARDS = [("cortex-a76", "raspberry-pi-5", {}, 4, 0.90),
           ("cortex-a76", "android-termux", {"TERMUX_VERSION": "0.118.0"}, 4, 0.90),
-          ("cortex-a72", "raspberry-pi-4", {}, 1, 0.99)]
+          ("cortex-a72", "raspberry-pi-4", {}, 1, 0.99),
+          ("cortex-a53", "raspberry-pi-zero-2w", {}, 1, 0.95)]
 
 
 @pytest.mark.parametrize("cpu,profile,extra,level,floor", BOARDS, ids=[b[1] for b in BOARDS])
@@ -131,9 +134,10 @@ def test_doctor_measures_each_boards_fidelity_on_its_cpu(arm64, smollm2_verified
     report = json.loads(done.stdout)
     assert not any(p["fatal"] for p in report["problems"]), report["problems"]
     f = report["fidelity"]
-    print(f"{profile} on {cpu}: {f['top1_agreement']:.1%} top-1 agreement (level {f['accuracy_level']}, "
+    print(f"{profile} on {cpu}: {f['top1_agreement']:.1%} top-1 agreement (level {f['accuracy_level']}, {f['kv_cache']} KV, "
           f"{f['tokens']} tokens; {f['at_export']['top1_agreement']:.1%} at export on {f['at_export']['measured_on']})")
     assert f["tokens"] == 76 and f["accuracy_level"] == level
+    assert f["kv_cache"] == (load_profile(profile).kv_cache or "float32")
     assert f["top1_agreement"] >= floor
     if level == 1:  # the fp32 path follows the reference wherever it runs
         assert f["top1_agreement"] >= f["at_export"]["top1_agreement"]
