@@ -77,7 +77,9 @@ class Manifest:
         """(KV cache type, graph file) for a profile's kv_cache: the wanted type where this folder has its graph,
         else the export's own ("" wants the export's)."""
         variant = self.kv_variants.get(wanted) if wanted and wanted != self.kv_dtype else None
-        return (wanted, variant["file"]) if variant else (self.kv_dtype, self.data["graph"]["file"])
+        if variant and variant.get("file") in self.data.get("files", {}):  # a file of the folder, hashed like the rest
+            return wanted, variant["file"]
+        return self.kv_dtype, self.data["graph"]["file"]
 
     @property
     def embedding(self) -> dict | None:

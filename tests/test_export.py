@@ -18,6 +18,7 @@ from nomoat.edge.adapters import Adapter
 from nomoat.edge.doctor import model_memory_mb
 from nomoat.edge.fidelity import teacher_forced_logits
 from nomoat.edge.generate import Generator
+from nomoat.edge.manifest import ModelError
 from nomoat.export.lora import load_adapter, slot_tensors
 from nomoat.export.sources import ExportError
 from nomoat.export.verify import compare, load_reference, reference_logits
@@ -167,6 +168,18 @@ def test_a_profiles_kv_cache_picks_the_exports_other_graph_bit_for_bit(exported,
         kept = Generator(old, Profile(kv_cache="int8"))
     assert kept.model.kv_dtype == "float32" and "re-export it for kv_cache = 'int8'" in caplog.text
     np.testing.assert_array_equal(teacher_forced_logits(kept, IDS), logits_of(full))
+    # a graph the manifest does not hash (here: outside the folder) is never loaded
+    manifest["kv_cache"]["variants"] = {"int8": {"file": "../elsewhere.onnx"}}
+    write_json(old / "nomoat.json", manifest)
+    shutil.copy2(full / "model.kv-int8.onnx", tmp_path / "elsewhere.onnx")
+    assert Generator(old, Profile(kv_cache="int8")).model.kv_dtype == "float32"
+    # and a changed one fails the folder's check like any other file
+    tampered = tmp_path / "tampered"
+    shutil.copytree(full, tampered)
+    with open(tampered / "model.kv-int8.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ModelError, match="model.kv-int8.onnx"):
+        Generator(tampered, Profile(kv_cache="int8"))
 
 
 def test_kv_cache_settings_are_checked(tmp_path):
@@ -510,7 +523,6 @@ def test_a_compact_folder_loads_with_its_cache_on_another_filesystem(compact_pai
 def test_a_compact_recipe_that_does_not_give_the_exporters_bytes_is_refused(compact_pair, tmp_path):
     import shutil
 
-    from nomoat.edge.manifest import ModelError
 
     bad = tmp_path / "bad"
     shutil.copytree(compact_pair[0], bad)
