@@ -9,8 +9,8 @@ Each engine runs in its own process (so peak RSS is its own) and reports the fig
 
 `--llama-python PY` (repeatable) runs llama.cpp from other interpreters too, e.g. a venv with
 another llama-cpp-python version: builds differ a lot (see the README's table). `--model` is
-repeatable too (e.g. the default export and an `--kv-dtype int8` one): every nomoat model gets a
-ratio against every peer.
+repeatable too, and so is `--kv-cache float32|int8` (the KV cache each model runs with: the export carries both):
+every nomoat engine gets a ratio against every peer.
 
 `--rounds N` repeats every engine's runs N times, interleaved (the order alternates), and gives each ratio
 as the median of the per-round ratios with their range: a shared machine that drifts during the run then
@@ -144,6 +144,7 @@ import json, sys
 from nomoat.edge.bench import bench_model
 from nomoat.edge.profile import load_profile
 p = load_profile(sys.argv[5] or None); p.threads = int(sys.argv[2]); p.context_length = int(sys.argv[6])
+p.kv_cache = sys.argv[7] or p.kv_cache
 r = bench_model(sys.argv[1], p, runs=int(sys.argv[3]), long_context=int(sys.argv[4]))
 r["decode_long_tok_s"] = r.pop(next(k for k in r if k.startswith("decode_at_")))
 print(json.dumps(r))
@@ -230,8 +231,10 @@ def fidelity(a, engines: dict[str, tuple[str, str, str]]) -> dict[str, str]:
     del reference
     found = {}
     describe = lambda out: "top-1 agreement {:.1%}, mean KL {:.4f}".format(*map(abs, compare(ref, out)[:2]))  # noqa: E731
-    for name, folder in zip(engines["nomoat"], a.model, strict=True):
-        gen = Generator(folder, verify_files=False)
+    from nomoat.edge.profile import Profile
+
+    for name, (folder, kv) in zip(engines["nomoat"], nomoat_runs(a), strict=True):
+        gen = Generator(folder, Profile(kv_cache=kv), verify_files=False)
         found[name] = describe(np.concatenate([teacher_forced_logits(gen, i) for i in ids]))
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "ids.json").write_text(json.dumps(ids))
@@ -240,6 +243,11 @@ def fidelity(a, engines: dict[str, tuple[str, str, str]]) -> dict[str, str]:
             if run(code, target, Path(tmp) / "ids.json", a.threads, out, python=python) is not None:
                 found[name] = describe(np.load(out))
     return found
+
+
+def nomoat_runs(a) -> list[tuple[str, str]]:
+    """(model folder, KV cache type) of every nomoat engine: each --model with each --kv-cache ("": the profile's)."""
+    return [(m, kv) for m in a.model for kv in a.kv_cache or [""]]
 
 
 def value(report: dict, key: str) -> float | None:
@@ -279,6 +287,8 @@ def main() -> None:
     ap.add_argument("--long-context", type=int, default=1000)
     ap.add_argument("--context", type=int, default=2048, help="context length (KV cache) of both engines")
     ap.add_argument("--profile", default="")
+    ap.add_argument("--kv-cache", action="append", choices=["float32", "int8"], default=[],
+                    help="run each nomoat model with this KV cache (the export carries both); repeatable")
     ap.add_argument("--llama-python", action="append", default=[],
                     help="a Python with llama-cpp-python installed (default: this one); repeatable")
     ap.add_argument("--llama-bin", type=Path,
@@ -289,9 +299,13 @@ def main() -> None:
                     help="also measure every engine's top-1 agreement and KL against transformers (needs torch)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    name_of = (lambda m: "nomoat") if len(a.model) == 1 else (lambda m: f"nomoat {Path(m).name}")  # noqa: E731
-    plan = [(name_of(m), NOMOAT, (m, a.threads, a.runs, a.long_context, a.profile, a.context), sys.executable)
-            for m in a.model]
+    runs = nomoat_runs(a)
+
+    def name_of(m: str, kv: str) -> str:
+        return " ".join(["nomoat", *([Path(m).name] if len(a.model) > 1 else []), *([f"{kv} KV"] if kv else [])])
+
+    plan = [(name_of(m, kv), NOMOAT, (m, a.threads, a.runs, a.long_context, a.profile, a.context, kv), sys.executable)
+            for m, kv in runs]
     ours = [name for name, *_ in plan]
     if a.llama_bin:
         plan.append(("llama.cpp native", NATIVE, (a.llama_bin, a.gguf, a.threads, a.runs, a.long_context, a.context),
