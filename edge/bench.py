@@ -122,7 +122,7 @@ def bench_model(folder, profile: Profile, runs: int = 5, long_context: int = 100
         "prefill_accuracy_level": profile.prefill_accuracy_level,  # a second session for prompts, if set
         "kv_dtype": gen.model.kv_dtype,
         "context_length": gen.model.max_length,
-        "verification": verification_of(gen),  # the export's agreement with its reference
+        "verification": gen.manifest.verification(gen.model.kv_dtype),  # the export's agreement with its reference
     }
 
 
@@ -138,16 +138,6 @@ def format_table(report: dict) -> str:
     lines.append(f"  {'rss_after_mib':30s} {report['rss_after_mib']}")
     lines.append(f"  {'fidelity':30s} {describe_verification(report.get('verification'))}")
     return "\n".join(lines)
-
-
-def verification_of(gen) -> dict | None:
-    """The export's agreement figures for the graph this load runs (its other KV cache's, where a profile picked
-    that one)."""
-    v = gen.manifest.data.get("verification")
-    if v and gen.model.kv_dtype != gen.manifest.kv_dtype:
-        other = v.get("kv_variants", {}).get(gen.model.kv_dtype)
-        return {**v, **other, "kv_cache": gen.model.kv_dtype} if other else None
-    return v
 
 
 def describe_verification(v: dict | None) -> str:

@@ -29,7 +29,7 @@ import tomllib
 from dataclasses import fields
 from pathlib import Path
 
-from .profile import KV_CACHES, MqttSettings, Profile, ProfileError, load_profile
+from .profile import MqttSettings, Profile, ProfileError, check_values, load_profile
 
 # what a user's file may set besides [mqtt]; the board's settings come from its profile
 # (and two trade-offs that are the user's to make: a draft model's memory, and the KV cache's type)
@@ -92,8 +92,7 @@ def settings(profile: str | None = None, config: str | None = None, broker: str 
             if not isinstance(user[key], type(default)) or isinstance(user[key], bool):
                 raise ProfileError(f"{where}: {key} must be {type(default).__name__}")
             setattr(prof, key, user[key])
-    if prof.kv_cache not in KV_CACHES:
-        raise ProfileError(f"{where}: kv_cache must be one of {', '.join(map(repr, KV_CACHES))}")
+    check_values(prof, where)
     mqtt = dict(user.get("mqtt", {}))
     if "password_file" in mqtt:  # a secret kept out of a world-readable file
         try:

@@ -185,7 +185,6 @@ def fitting_profiles(device: Device) -> list[str]:
 def measure_fidelity(model: str | Path, profile: Profile, device: Device) -> dict | None:
     """The model's top-1 agreement with its export's fp32 reference, run here with `profile` (edge/fidelity.py),
     next to the figure the export measured on its own machine; None when the export kept no reference."""
-    from .bench import verification_of
     from .fidelity import measure
     from .generate import Generator
 
@@ -193,7 +192,7 @@ def measure_fidelity(model: str | Path, profile: Profile, device: Device) -> dic
     here = measure(gen)
     if here is None:
         return None
-    at_export = verification_of(gen) or {}  # the figure for the KV cache graph this profile runs
+    at_export = gen.manifest.verification(gen.model.kv_dtype) or {}  # the figure for the graph this profile runs
     return {**here, "kv_cache": gen.model.kv_dtype,
             "at_export": {k: at_export.get(k) for k in ("top1_agreement", "measured_on", "accuracy_level")}}
 

@@ -81,6 +81,15 @@ class Manifest:
             return wanted, variant["file"]
         return self.kv_dtype, self.data["graph"]["file"]
 
+    def verification(self, kv_dtype: str | None = None) -> dict | None:
+        """The export's agreement with its reference for the graph with this KV cache type (default: the export's
+        own); None where it was not measured (no --verify, or an older export for the other graph)."""
+        v = self.data.get("verification")
+        if not v or kv_dtype in (None, self.kv_dtype):
+            return v
+        other = v.get("kv_variants", {}).get(kv_dtype)
+        return {**v, **other, "kv_cache": kv_dtype} if other else None
+
     @property
     def embedding(self) -> dict | None:
         """Where the token embedding's rows are (format 2); None: the graph takes token ids."""

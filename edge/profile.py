@@ -127,6 +127,12 @@ def profile_from_dict(data: dict, where: str = "profile") -> Profile:
             setattr(p, key, value)
         else:
             setattr(p, key, _typed(value, getattr(Profile(), key), key, where))
+    check_values(p, where)
+    return p
+
+
+def check_values(p: Profile, where: str) -> None:
+    """The settings' ranges (after a profile, and again after the user's config file changed some)."""
     if p.kv_cache not in KV_CACHES:
         raise ProfileError(f"{where}: kv_cache must be one of {', '.join(map(repr, KV_CACHES))}, got {p.kv_cache!r}")
     if p.graph_optimization not in _GRAPH_LEVELS:
@@ -134,7 +140,6 @@ def profile_from_dict(data: dict, where: str = "profile") -> Profile:
     if p.threads < 0 or p.context_length < 16 or p.queue_size < 1 or p.prefill_chunk < 0 or p.draft_tokens < 0:
         raise ProfileError(f"{where}: threads >= 0, context_length >= 16, queue_size >= 1, prefill_chunk >= 0 "
                            "and draft_tokens >= 0 are required")
-    return p
 
 
 def bundled_profiles() -> dict[str, Path]:

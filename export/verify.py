@@ -110,21 +110,26 @@ def verify_folder(folder: Path, reference, greedy_tokens: int = 12) -> Report:
         passages.append(ids)
         refs.append(reference_logits(reference, ids))
         outs.append(teacher_forced_logits(gen, ids))
-    agree, kl, diff = compare(np.concatenate(refs), np.concatenate(outs))
+    ref = np.concatenate(refs)
+    agree, kl, diff = compare(ref, np.concatenate(outs))
     prompt = gen.tokenizer.encode(GREEDY_PROMPT)
     ref_ids = greedy_reference(reference, prompt, greedy_tokens)
     eos = set(gen.manifest.eos_token_ids)
     ref_ids = ref_ids[: next((i for i, t in enumerate(ref_ids) if t in eos), len(ref_ids))]
     ours = gen.generate(prompt, max_tokens=greedy_tokens).tokens
     reference = [{"ids": list(map(int, i)), "top1": r.argmax(-1).tolist()} for i, r in zip(passages, refs, strict=True)]
+    greedy, level, others = gen.tokenizer.decode(ref_ids), gen.model.level, list(gen.manifest.kv_variants)
+    greedy_ours = gen.tokenizer.decode(ours)
+    del gen  # one model's weights in memory at a time (a 1B export's peak)
     variants = {}
-    for dtype in gen.manifest.kv_variants:  # what a profile's kv_cache would run instead
+    for dtype in others:  # what a profile's kv_cache would run instead
         other = Generator(folder, Profile(kv_cache=dtype), verify_files=False)
-        a, k, _ = compare(np.concatenate(refs), np.concatenate([teacher_forced_logits(other, ids) for ids in passages]))
+        a, k, _ = compare(ref, np.concatenate([teacher_forced_logits(other, ids) for ids in passages]))
         variants[dtype] = {"top1_agreement": round(a, 4), "mean_kl": round(k, 5)}
+        del other
     device = inspect_device()
-    return Report(agree, kl, diff, gen.tokenizer.decode(ref_ids), gen.tokenizer.decode(ours),
-                  sum(len(r) for r in refs), reference, f"{device.machine}, {device.cpu}", gen.model.level, variants)
+    return Report(agree, kl, diff, greedy, greedy_ours, len(ref), reference, f"{device.machine}, {device.cpu}", level,
+                  variants)
 
 
 def verify_export(folder: Path, source, loras=(), min_agreement: float = DEFAULT_MIN_AGREEMENT,

@@ -72,15 +72,16 @@ def replay(prompt: list[int], answer: list[int], how: str, cost: dict[int, float
     i = passes = 0
     seconds = 0.0
     while i < len(answer):
-        h = np.asarray(prompt + answer[:i], dtype=np.int64)
+        history = prompt + answer[:i]
         future = answer[i:i + MOST]
         if drafts:
-            draft = drafts.next(h.tolist(), MOST)
+            draft = drafts.next(history, MOST)
             n = taken(draft, future)
             rows = len(draft) + 1
             drafts.update(len(draft), n)
             drafts.timed(rows, cost[rows])
         else:
+            h = np.asarray(history, dtype=np.int64)
             n = taken(latest_match(h), future) if how == "perfect length" else best_candidate(h, future)
             rows = n + 1
         seconds += cost[rows]
